@@ -1,0 +1,9 @@
+"""stemst: spatial gene expression from H&E histology with a conditional diffusion model."""
+
+from importlib.metadata import version
+
+from . import datasets, io, pl, pp, tl
+from ._schema import StemstDataError
+
+__version__ = version("stemst")
+__all__ = ["datasets", "io", "pl", "pp", "tl", "StemstDataError"]

@@ -1,0 +1,5 @@
+"""The package logger."""
+
+import logging
+
+logger = logging.getLogger("stemst")

@@ -1,0 +1,397 @@
+"""The one place that knows how stemst lays out spatial transcriptomics data in a :class:`~spatialdata.SpatialData`.
+
+Every reader (:mod:`stemst.datasets`, :mod:`stemst.io`) builds its object through :func:`make_section` and
+:func:`assemble`, and every consumer finds elements through the accessors here, so the keys live in one module.
+
+Layout, per section ``s`` (documented on the "Data model" docs page):
+
+- ``images[f"{s}_he"]``: the H&E image, ``(c, y, x)`` uint8 RGB, multiscale for large images, in coordinate system ``s``.
+- ``shapes[f"{s}_spots"]``: circles at the spot centres in image pixels, column ``radius`` in pixels, indexed by spot id.
+- ``tables["table"]``: one table of raw integer counts (CSR) for all sections, annotating the circles through
+  ``obs["region"]`` (the shapes element) and ``obs["spot_id"]`` (the circle's index); ``obs["section"]``;
+  ``obsm["spatial"]`` the spot centre ``(x, y)`` in image pixels; ``uns["stemst"]["sections"][s]`` the section's
+  metadata (µm per pixel, spot diameter, source).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+TABLE_KEY = "table"
+REGION_KEY = "region"
+INSTANCE_KEY = "spot_id"
+SECTION_KEY = "section"
+SPATIAL_KEY = "spatial"
+UNS_KEY = "stemst"
+PANEL_KEY = "stemst_panel"
+PREDICTION_KEY = "stemst_prediction"
+#: images whose longest side exceeds this are stored as a pyramid (factor 2 per level)
+MULTISCALE_THRESHOLD = 4096
+IMAGE_CHUNKS = 1024
+
+
+class StemstDataError(ValueError):
+    """Raised when input data does not fit the stemst data model; the message says what to fix."""
+
+
+def image_key(section: str) -> str:
+    """Name of the H&E image element of ``section``."""
+    return f"{section}_he"
+
+
+def spots_key(section: str) -> str:
+    """Name of the spot circles element of ``section``."""
+    return f"{section}_spots"
+
+
+def embedding_key(encoder: str) -> str:
+    """``obsm`` key of the per-spot embedding made by ``encoder``."""
+    return f"X_{encoder}"
+
+
+def views_key(encoder: str) -> str:
+    """``obsm`` key of the ``(n_spots, 8, dim)`` embeddings of the 8 flips/rotations of each patch."""
+    return f"X_{encoder}_views"
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    """Metadata of one section.
+
+    Attributes
+    ----------
+    section
+        Section name, also its coordinate system.
+    microns_per_pixel
+        Physical pixel size of the stored image (full resolution level).
+    spot_diameter_um
+        Physical spot diameter.
+    source
+        Where the data came from (free text, e.g. a URL or a path).
+    """
+
+    section: str
+    microns_per_pixel: float
+    spot_diameter_um: float
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spot_diameter_px(self) -> float:
+        """Spot diameter in image pixels."""
+        return self.spot_diameter_um / self.microns_per_pixel
+
+    @property
+    def image_key(self) -> str:
+        """Key of the image element."""
+        return image_key(self.section)
+
+    @property
+    def spots_key(self) -> str:
+        """Key of the circles element."""
+        return spots_key(self.section)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable form stored in ``table.uns['stemst']['sections']``."""
+        d = asdict(self)
+        d["spot_diameter_px"] = self.spot_diameter_px
+        d["image_key"] = self.image_key
+        d["spots_key"] = self.spots_key
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SectionInfo:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            section=str(d["section"]),
+            microns_per_pixel=float(d["microns_per_pixel"]),
+            spot_diameter_um=float(d["spot_diameter_um"]),
+            source=str(d.get("source", "")),
+            extra=dict(d.get("extra", {}) or {}),
+        )
+
+
+@dataclass
+class Section:
+    """A validated section, ready to be assembled into a :class:`~spatialdata.SpatialData` by :func:`assemble`."""
+
+    info: SectionInfo
+    image: Any  # (c, y, x) uint8 numpy or dask array
+    counts: sp.csr_matrix
+    genes: pd.Index
+    spot_ids: pd.Index
+    coords: np.ndarray  # (n, 2) x, y in image pixels
+    obs: pd.DataFrame
+
+
+def _as_chw(image: Any, section: str) -> Any:
+    if image.ndim != 3:
+        raise StemstDataError(f"Section {section!r}: the image must be 3-D (y, x, 3) or (3, y, x), got shape {image.shape}.")
+    if image.shape[-1] in (3, 4) and image.shape[0] not in (3, 4):
+        image = image.transpose(2, 0, 1)
+    if image.shape[0] == 4:
+        image = image[:3]
+    if image.shape[0] != 3:
+        raise StemstDataError(f"Section {section!r}: expected an RGB image, got shape {image.shape}.")
+    if image.dtype != np.uint8:
+        raise StemstDataError(f"Section {section!r}: expected a uint8 RGB image, got dtype {image.dtype}.")
+    return image
+
+
+def _as_counts(counts: Any, section: str) -> sp.csr_matrix:
+    if isinstance(counts, pd.DataFrame):
+        counts = counts.to_numpy()
+    m = sp.csr_matrix(counts)
+    if m.nnz and not np.all(np.isfinite(m.data)):
+        raise StemstDataError(f"Section {section!r}: counts contain NaN or infinite values.")
+    if m.nnz and np.any(m.data < 0):
+        raise StemstDataError(f"Section {section!r}: counts contain negative values; stemst needs raw UMI counts.")
+    if m.nnz and not np.all(np.mod(m.data, 1) == 0):
+        raise StemstDataError(
+            f"Section {section!r}: counts are not integers (e.g. {m.data[np.mod(m.data, 1) != 0][0]!r}); "
+            "stemst needs raw counts, not normalised or log-transformed values."
+        )
+    m = m.astype(np.int32)
+    m.eliminate_zeros()
+    return m
+
+
+def make_section(
+    section: str,
+    *,
+    image: Any,
+    counts: Any,
+    genes: Sequence[str],
+    spot_ids: Sequence[str],
+    coords: np.ndarray,
+    microns_per_pixel: float,
+    spot_diameter_um: float,
+    source: str = "",
+    obs: pd.DataFrame | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Section:
+    """Validate one section's pieces and bundle them.
+
+    Parameters
+    ----------
+    section
+        Section name; becomes the coordinate system and the prefix of the element keys.
+    image
+        RGB uint8 image, ``(y, x, 3)`` or ``(3, y, x)``, numpy or dask.
+    counts
+        Raw integer counts, spots x genes (dense, sparse or a DataFrame).
+    genes
+        Gene names, one per column of ``counts``.
+    spot_ids
+        Unique spot identifiers, one per row of ``counts``.
+    coords
+        Spot centres ``(x, y)`` in pixels of ``image``.
+    microns_per_pixel
+        Physical pixel size of ``image``.
+    spot_diameter_um
+        Physical spot diameter.
+    source
+        Provenance, stored in the metadata.
+    obs
+        Extra per-spot annotations (same row order as ``counts``).
+    extra
+        Extra metadata to store with the section.
+
+    Returns
+    -------
+    A :class:`Section` to pass to :func:`assemble`.
+
+    Raises
+    ------
+    StemstDataError
+        On duplicate spot ids or genes, mismatched lengths, spots outside the image, non-integer or negative
+        counts, or a non-positive pixel size.
+    """
+    image = _as_chw(image, section)
+    counts = _as_counts(counts, section)
+    genes = pd.Index([str(g) for g in genes])
+    spot_ids = pd.Index([str(s) for s in spot_ids])
+    coords = np.asarray(coords, dtype=np.float64)
+    n = counts.shape[0]
+    if n == 0:
+        raise StemstDataError(f"Section {section!r} has no spots.")
+    if counts.shape[1] != len(genes):
+        raise StemstDataError(f"Section {section!r}: {counts.shape[1]} count columns but {len(genes)} gene names.")
+    if len(spot_ids) != n or coords.shape != (n, 2):
+        raise StemstDataError(
+            f"Section {section!r}: {n} rows of counts, {len(spot_ids)} spot ids and coordinates of shape "
+            f"{coords.shape}; they must agree (n, n, (n, 2))."
+        )
+    if spot_ids.has_duplicates:
+        dup = spot_ids[spot_ids.duplicated()].unique()[:5].tolist()
+        raise StemstDataError(f"Section {section!r}: duplicate spot ids, e.g. {dup}.")
+    if genes.has_duplicates:
+        dup = genes[genes.duplicated()].unique()[:5].tolist()
+        raise StemstDataError(f"Section {section!r}: duplicate gene names, e.g. {dup}.")
+    if not np.all(np.isfinite(coords)):
+        raise StemstDataError(f"Section {section!r}: spot coordinates contain NaN or infinite values.")
+    h, w = int(image.shape[1]), int(image.shape[2])
+    outside = (coords[:, 0] < 0) | (coords[:, 0] >= w) | (coords[:, 1] < 0) | (coords[:, 1] >= h)
+    if outside.any():
+        bad = spot_ids[outside][:5].tolist()
+        raise StemstDataError(
+            f"Section {section!r}: {int(outside.sum())} spot centres fall outside the {w} x {h} px image, e.g. {bad}. "
+            "Are the coordinates at the image's resolution (check the scale factor)?"
+        )
+    if not (np.isfinite(microns_per_pixel) and microns_per_pixel > 0):
+        raise StemstDataError(f"Section {section!r}: microns_per_pixel must be positive, got {microns_per_pixel}.")
+    if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
+        raise StemstDataError(f"Section {section!r}: spot_diameter_um must be positive, got {spot_diameter_um}.")
+    obs = pd.DataFrame(index=spot_ids) if obs is None else obs.copy()
+    if len(obs) != n:
+        raise StemstDataError(f"Section {section!r}: obs has {len(obs)} rows, counts {n}.")
+    obs.index = spot_ids
+    info = SectionInfo(section, float(microns_per_pixel), float(spot_diameter_um), source, dict(extra or {}))
+    return Section(info, image, counts, genes, spot_ids, coords, obs)
+
+
+def _union_counts(sections: Sequence[Section]) -> tuple[sp.csr_matrix, pd.Index]:
+    genes = sections[0].genes
+    for s in sections[1:]:
+        genes = genes.union(s.genes, sort=False)
+    blocks = []
+    for s in sections:
+        idx = genes.get_indexer(s.genes)
+        m = s.counts.tocoo()
+        blocks.append(sp.csr_matrix((m.data, (m.row, idx[m.col])), shape=(m.shape[0], len(genes)), dtype=np.int32))
+    return sp.vstack(blocks, format="csr"), genes
+
+
+def assemble(sections: Sequence[Section]) -> Any:
+    """Build the :class:`~spatialdata.SpatialData` of the stemst data model from validated sections.
+
+    Genes are the union over sections; a gene absent from a section's file counts as zero there
+    (``var['n_sections']`` says in how many sections each gene was measured).
+
+    Parameters
+    ----------
+    sections
+        Output of :func:`make_section`, with distinct section names.
+
+    Returns
+    -------
+    :class:`~spatialdata.SpatialData` with one image and one circles element per section and one table.
+    """
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    if not sections:
+        raise StemstDataError("No sections to assemble.")
+    names = [s.info.section for s in sections]
+    if len(set(names)) != len(names):
+        raise StemstDataError(f"Section names must be unique, got {names}.")
+    images, shapes, obs_frames, coords = {}, {}, [], []
+    for s in sections:
+        cs = {s.info.section: Identity()}
+        longest = max(s.image.shape[1:])
+        scale_factors = []
+        while longest / 2 ** len(scale_factors) > MULTISCALE_THRESHOLD:
+            scale_factors.append(2)
+        images[s.info.image_key] = Image2DModel.parse(
+            s.image,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            transformations=cs,
+            scale_factors=scale_factors or None,
+            chunks=(3, IMAGE_CHUNKS, IMAGE_CHUNKS),
+        )
+        radius = np.full(len(s.spot_ids), s.info.spot_diameter_px / 2.0)
+        shapes[s.info.spots_key] = ShapesModel.parse(
+            s.coords, geometry=0, radius=radius, index=s.spot_ids.copy(), transformations=cs
+        )
+        obs = s.obs.copy()
+        obs[SECTION_KEY] = s.info.section
+        obs[REGION_KEY] = s.info.spots_key
+        obs[INSTANCE_KEY] = s.spot_ids.to_numpy()
+        obs.index = [f"{s.info.section}_{i}" for i in s.spot_ids]
+        obs_frames.append(obs)
+        coords.append(s.coords)
+    counts, genes = _union_counts(sections)
+    obs = pd.concat(obs_frames)
+    obs[SECTION_KEY] = pd.Categorical(obs[SECTION_KEY], categories=names)
+    obs[REGION_KEY] = pd.Categorical(obs[REGION_KEY], categories=[s.info.spots_key for s in sections])
+    var = pd.DataFrame(index=genes)
+    var["n_sections"] = np.sum([genes.isin(s.genes) for s in sections], axis=0).astype(np.int32)
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.obsm[SPATIAL_KEY] = np.concatenate(coords).astype(np.float64)
+    adata.uns[UNS_KEY] = {"sections": {s.info.section: s.info.to_dict() for s in sections}}
+    table = TableModel.parse(
+        adata, region=[s.info.spots_key for s in sections], region_key=REGION_KEY, instance_key=INSTANCE_KEY
+    )
+    return sd.SpatialData(images=images, shapes=shapes, tables={TABLE_KEY: table})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accessors
+
+
+def get_table(sdata: Any, table_key: str = TABLE_KEY) -> ad.AnnData:
+    """Return the counts table of ``sdata`` (a :class:`~spatialdata.SpatialData` or an :class:`~anndata.AnnData`)."""
+    if isinstance(sdata, ad.AnnData):
+        return sdata
+    if table_key not in sdata.tables:
+        raise KeyError(f"No table {table_key!r} in the SpatialData; tables present: {list(sdata.tables.keys())}.")
+    return sdata.tables[table_key]
+
+
+def sections(adata: ad.AnnData) -> list[str]:
+    """Section names of a stemst table, in order."""
+    info = adata.uns.get(UNS_KEY, {}).get("sections")
+    if info is None:
+        if SECTION_KEY in adata.obs:
+            return [str(c) for c in pd.unique(adata.obs[SECTION_KEY])]
+        raise StemstDataError(
+            f"The table has no uns[{UNS_KEY!r}]['sections'] and no obs[{SECTION_KEY!r}]; "
+            "load data with stemst.datasets or stemst.io."
+        )
+    return list(info.keys())
+
+
+def section_info(adata: ad.AnnData, section: str) -> SectionInfo:
+    """Metadata of ``section`` stored in the table."""
+    info = adata.uns.get(UNS_KEY, {}).get("sections", {})
+    if section not in info:
+        raise StemstDataError(f"Unknown section {section!r}; the table has sections {list(info)}.")
+    return SectionInfo.from_dict(info[section])
+
+
+def section_mask(adata: ad.AnnData, sections_: str | Iterable[str] | None) -> np.ndarray:
+    """Boolean mask of the spots in ``sections_`` (all spots if ``None``)."""
+    if sections_ is None:
+        return np.ones(adata.n_obs, dtype=bool)
+    wanted = [sections_] if isinstance(sections_, str) else list(sections_)
+    known = set(sections(adata))
+    missing = [s for s in wanted if s not in known]
+    if missing:
+        raise StemstDataError(f"Unknown sections {missing}; the table has {sorted(known)}.")
+    return adata.obs[SECTION_KEY].isin(wanted).to_numpy()
+
+
+def get_image(sdata: Any, section: str, scale: int = 0) -> Any:
+    """Return section ``section``'s H&E image as a lazy ``(c, y, x)`` dask array at pyramid level ``scale``."""
+    key = image_key(section)
+    if key not in sdata.images:
+        raise StemstDataError(
+            f"No image element {key!r} for section {section!r}; images present: {list(sdata.images.keys())}."
+        )
+    el = sdata.images[key]
+    if hasattr(el, "children") and len(el.children):  # multiscale DataTree
+        levels = sorted(el.children)
+        level = levels[min(scale, len(levels) - 1)]
+        arr = next(iter(el[level].data_vars.values()))
+    else:
+        arr = el
+    return arr.data
