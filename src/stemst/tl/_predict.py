@@ -1,0 +1,144 @@
+"""Prediction: run any :class:`~stemst.tl.Predictor` on embedded spots and store the result as a linked table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from stemst._logging import logger
+from stemst._schema import (
+    INSTANCE_KEY,
+    PANEL_KEY,
+    PREDICTION_KEY,
+    REGION_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    UNS_KEY,
+    StemstDataError,
+    get_table,
+    section_mask,
+)
+from stemst.tl._base import Predictor
+from stemst.tl._data import get_embeddings
+
+#: layer with the standard deviation of the samples (model scale)
+STD_LAYER = "std"
+#: layer with the expected counts (mean over samples of the back-transformed values)
+COUNTS_LAYER = "counts"
+#: obsm slot with the samples, ``(n_spots, n_samples, n_genes)``
+SAMPLES_KEY = "samples"
+
+
+def predict(
+    model: Predictor,
+    data: Any,
+    *,
+    table_key: str = TABLE_KEY,
+    sections: str | Iterable[str] | None = None,
+    n_samples: int = 20,
+    key_added: str | None = None,
+    keep_samples: bool = True,
+    rng: Any = 0,
+    progress: bool = True,
+    **sample_kwargs: Any,
+) -> str | ad.AnnData:
+    """Predict expression for every spot and store it as a new table linked to the same spots.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~stemst.tl.StemstModel` or baseline.
+    data
+        :class:`~spatialdata.SpatialData` with an embedded table, or an :class:`~anndata.AnnData`.
+    table_key
+        Table holding the embeddings.
+    sections
+        Predict only these sections (all if ``None``).
+    n_samples
+        Samples per spot (ignored, i.e. 1, for deterministic baselines).
+    key_added
+        Name of the new table; default ``"stemst_prediction"`` (``"<method>_prediction"`` for baselines).
+    keep_samples
+        Store the samples in ``obsm['samples']``.
+    rng
+        Seed or generator, for reproducible samples.
+    progress
+        Show a progress bar.
+    **sample_kwargs
+        Passed to the model's ``sample``, e.g. ``sampler="dpmpp_2m", steps=25`` for the diffusion model.
+
+    Returns
+    -------
+    The key of the new table in ``data.tables`` (or the new AnnData when ``data`` is an AnnData). The table has:
+
+    - ``X``: the mean of the samples on the model's scale (e.g. log2(count + 1)), spots x panel genes;
+    - ``layers['std']``: the standard deviation of the samples;
+    - ``layers['counts']``: expected counts, the back-transformed samples averaged;
+    - ``obsm['samples']``: the samples, ``(n_spots, n_samples, n_genes)`` float32 (if ``keep_samples``);
+    - ``obs``: the source spots' ``section``, ``region`` and ``spot_id`` (so it annotates the same circles),
+      ``obsm['spatial']`` and ``uns['stemst']`` copied;
+    - ``uns['stemst_prediction']``: the settings (method, samples, sampler, seed, source table).
+
+    Examples
+    --------
+    >>> key = stemst.tl.predict(model, sdata, sections="C6", n_samples=10)  # doctest: +SKIP
+    >>> sdata.tables[key].layers["std"].shape  # doctest: +SKIP
+    """
+    from stemst.pp import inverse_transform
+
+    if not isinstance(model, Predictor):
+        raise TypeError(f"model must be a stemst model or baseline, got {type(model).__name__}.")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    src = get_table(data, table_key)
+    mask = section_mask(src, sections)
+    if not mask.any():
+        raise StemstDataError(f"No spots selected (sections={sections!r}).")
+    src = src[mask]
+    model.check_table(src)
+    X = get_embeddings(src, model.embedding_key)
+    n_draw = n_samples if model.stochastic else 1
+    logger.info("Predicting %d spots x %d genes with %s (%d samples)", len(X), model.n_genes, model.method, n_draw)
+    samples = np.asarray(model.sample(X, n_samples=n_draw, rng=rng, progress=progress, **sample_kwargs), np.float32)
+    if samples.shape != (n_draw, len(X), model.n_genes):
+        raise RuntimeError(f"{model.method} returned samples of shape {samples.shape}, expected {(n_draw, len(X), model.n_genes)}.")
+    counts = np.mean(inverse_transform(samples, method=model.transform), axis=0).astype(np.float32)
+
+    obs = pd.DataFrame(index=src.obs_names.copy())
+    for col in src.obs.columns:
+        if col in ("section", REGION_KEY, INSTANCE_KEY) or col.startswith("array_"):
+            obs[col] = src.obs[col].to_numpy()
+    var = pd.DataFrame(index=pd.Index(model.genes))
+    var[PANEL_KEY] = True
+    out = ad.AnnData(X=samples.mean(0), obs=obs, var=var)
+    out.layers[STD_LAYER] = samples.std(0).astype(np.float32)
+    out.layers[COUNTS_LAYER] = counts
+    if keep_samples:
+        out.obsm[SAMPLES_KEY] = np.ascontiguousarray(samples.transpose(1, 0, 2))
+    if SPATIAL_KEY in src.obsm:
+        out.obsm[SPATIAL_KEY] = np.asarray(src.obsm[SPATIAL_KEY]).copy()
+    if UNS_KEY in src.uns:
+        out.uns[UNS_KEY] = {k: v for k, v in src.uns[UNS_KEY].items() if k == "sections"}
+    params = {**model.params(), **{k: v for k, v in sample_kwargs.items() if isinstance(v, str | int | float | bool)}}
+    params.update(n_samples=n_draw, rng=rng if isinstance(rng, int) else None, source_table=table_key)
+    params = {k: v for k, v in params.items() if v is not None}
+    key = key_added or (PREDICTION_KEY if model.method == "stemst" else f"{model.method}_prediction")
+    out.uns[PREDICTION_KEY] = params
+
+    if isinstance(data, ad.AnnData):
+        return out
+    if REGION_KEY in obs:
+        from spatialdata.models import TableModel
+
+        obs[REGION_KEY] = pd.Categorical(obs[REGION_KEY].astype(str))
+        out.obs[REGION_KEY] = obs[REGION_KEY]
+        out = TableModel.parse(
+            out, region=list(obs[REGION_KEY].cat.categories), region_key=REGION_KEY, instance_key=INSTANCE_KEY
+        )
+    data.tables[key] = out
+    logger.info("Stored predictions in sdata.tables[%r]", key)
+    return key
