@@ -84,6 +84,8 @@ def from_anndata(
                 "Cannot derive the pixel size: no 'spot_diameter_fullres' in the scale factors; "
                 "pass `microns_per_pixel=` (µm per full-resolution pixel)."
             )
+        if not float(diameter_px) > 0:
+            raise StemstDataError(f"spot_diameter_fullres must be positive, got {diameter_px!r}.")
         microns_per_pixel = spot_diameter_um / float(diameter_px)
     if "spatial" not in adata.obsm:
         raise StemstDataError(f"No obsm['spatial'] (spot centres); obsm keys: {list(adata.obsm.keys())}.")
