@@ -59,7 +59,9 @@ def from_anndata(
     """
     spatial = adata.uns.get("spatial")
     if not isinstance(spatial, dict) or not spatial:
-        raise KeyError("adata.uns['spatial'] is missing or empty; expected {library_id: {'images': ..., 'scalefactors': ...}}.")
+        raise KeyError(
+            "adata.uns['spatial'] is missing or empty; expected {library_id: {'images': ..., 'scalefactors': ...}}."
+        )
     if library_id is None:
         if len(spatial) != 1:
             raise KeyError(f"adata.uns['spatial'] holds several libraries {list(spatial)}; pass `library_id=`.")

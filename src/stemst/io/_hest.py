@@ -122,7 +122,9 @@ def hest(
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     img, (h0, w0) = read_image(wsi, level=level)
     scale = (img.shape[1] / w0, img.shape[0] / h0)
-    logger.info("HEST %s: %d spots, %d genes, image %s (level %d)", sample_id, adata.n_obs, adata.n_vars, img.shape, level)
+    logger.info(
+        "HEST %s: %d spots, %d genes, image %s (level %d)", sample_id, adata.n_obs, adata.n_vars, img.shape, level
+    )
     return build(
         section,
         image=img,

@@ -88,8 +88,8 @@ def read_image(path: str | os.PathLike, *, level: int = 0) -> tuple[Any, tuple[i
             raise StemstDataError(f"{path}: expected an 8-bit RGB H&E image, got dtype {dtype}.")
         store = tifffile.imread(path, aszarr=True, series=0, level=level)
         arr = _tiff_yxs(da.from_zarr(zarr.open(store, mode="r")), axes, path)
-        full = _tiff_yxs(np.empty(shapes[0], dtype=bool), axes, path).shape
-        return arr, (int(full[0]), int(full[1]))
+        full = dict(zip(axes, shapes[0], strict=True))
+        return arr, (int(full["Y"]), int(full["X"]))
     if level != 0:
         raise ValueError(f"{path} is not a TIFF; only level=0 can be read from it.")
     from PIL import Image
@@ -130,7 +130,7 @@ def counts_matrix(adata: Any, layer: str | None, *, what: str) -> Any:
 
 
 def obs_columns(obs: pd.DataFrame, columns: Sequence[str] = ("array_row", "array_col")) -> pd.DataFrame:
-    """The stemst per-spot annotations that exist in ``obs``."""
+    """Return the stemst per-spot annotations present in ``obs``."""
     return pd.DataFrame({c: obs[c].to_numpy() for c in columns if c in obs.columns}, index=obs.index)
 
 

@@ -54,7 +54,9 @@ def _check_section(sdata: Any, table: Any, info: SectionInfo, problems: list[str
         h, w = shape_hw
         out = (xy[:, 0] < 0) | (xy[:, 0] >= w) | (xy[:, 1] < 0) | (xy[:, 1] >= h)
         if out.any():
-            problems.append(f"section {s!r}: {int(out.sum())} spots outside the {w} x {h} px image, e.g. {ids[out][:3].tolist()}")
+            problems.append(
+                f"section {s!r}: {int(out.sum())} spots outside the {w} x {h} px image, e.g. {ids[out][:3].tolist()}"
+            )
     if spots_key(s) not in sdata.shapes:
         problems.append(f"section {s!r}: no circles {spots_key(s)!r}")
         return
@@ -64,7 +66,9 @@ def _check_section(sdata: Any, table: Any, info: SectionInfo, problems: list[str
     if "radius" not in circles.columns:
         problems.append(f"section {s!r}: circles have no 'radius' column")
     elif not np.allclose(circles["radius"].to_numpy(dtype=float), info.spot_diameter_px / 2, rtol=1e-3):
-        problems.append(f"section {s!r}: circle radius differs from spot_diameter_px / 2 = {info.spot_diameter_px / 2:.3f}")
+        problems.append(
+            f"section {s!r}: circle radius differs from spot_diameter_px / 2 = {info.spot_diameter_px / 2:.3f}"
+        )
     index = pd.Index(circles.index.astype(str))
     if len(index) != len(ids) or not index.isin(ids).all():
         problems.append(

@@ -126,9 +126,6 @@ def visium(
     >>> sdata = stemst.io.visium("V1_Breast_Cancer_Block_A_Section_1/outs", section="BC1")  # doctest: +SKIP
     >>> stemst.io.validate(sdata)  # doctest: +SKIP
     """
-    import h5py
-    import scanpy as sc
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder; expected a Space Ranger output folder (.../outs).")
@@ -156,6 +153,8 @@ def visium(
         hint="Expected a Space Ranger output folder (see stemst.io.visium's docstring for the layout).",
     )
     positions, positions_file = _read_positions(spatial)
+    import h5py
+    import scanpy as sc
 
     scalefactors = json.loads((spatial / SCALEFACTORS).read_text())
     needed = ["spot_diameter_fullres"] + ([] if image == "fullres" else [f"tissue_{image}_scalef"])
@@ -177,7 +176,9 @@ def visium(
         adata.var_names_make_unique()
     barcodes = pd.Index(adata.obs_names.astype(str))
     if barcodes.has_duplicates:
-        raise StemstDataError(f"{counts_path}: duplicate barcodes, e.g. {barcodes[barcodes.duplicated()][:5].tolist()}.")
+        raise StemstDataError(
+            f"{counts_path}: duplicate barcodes, e.g. {barcodes[barcodes.duplicated()][:5].tolist()}."
+        )
 
     no_position = barcodes.difference(positions.index)
     if len(no_position):
