@@ -364,3 +364,20 @@ def test_zarr_pair_validates(tmp_path, c2):
     assert not (tmp_path / "b.zarr").exists()
     with pytest.raises(FileNotFoundError, match=r"b\.zarr"):
         stemst.io.read_zarr(tmp_path / "b.zarr")
+
+
+def test_concatenate_sections(her2st_small, data_dir):
+    import stemst
+
+    a1 = stemst.datasets.her2st(["A1"], cache_dir=data_dir)
+    both = stemst.io.concatenate([her2st_small, a1])
+    table = both.tables["table"]
+    assert table.obs["section"].value_counts().to_dict() == {"C2": 187, "C6": 178, "A1": 346}
+    stemst.io.validate(both)
+    # counts of a gene are carried over exactly, per section
+    for src in (her2st_small, a1):
+        t = src.tables["table"]
+        assert np.array_equal(table[t.obs_names, "ERBB2"].X.toarray(), t[:, "ERBB2"].X.toarray())
+    assert table.uns["stemst"]["sections"]["A1"]["microns_per_pixel"] == a1.tables["table"].uns["stemst"]["sections"]["A1"]["microns_per_pixel"]
+    with pytest.raises(stemst.StemstDataError, match="more than one"):
+        stemst.io.concatenate([her2st_small, her2st_small])
