@@ -1,1 +1,7 @@
-"""stemst.pl."""
+"""Plotting: sections, measured vs predicted maps, variation curves, correlations, uncertainty, training curves."""
+
+from ._curves import gene_correlation, training_curve, variation_curves
+from ._maps import expression_maps, uncertainty_map
+from ._sections import sections
+
+__all__ = ["sections", "expression_maps", "uncertainty_map", "variation_curves", "gene_correlation", "training_curve"]

@@ -41,7 +41,7 @@ def _downsample(arr: Any, step: int, block: int) -> np.ndarray:
 
 
 def thumbnail(sdata: Any, section: str, *, max_size: int = THUMBNAIL_SIZE) -> tuple[np.ndarray, tuple[float, float]]:
-    """A small RGB image of ``section`` and its size in full-resolution pixels.
+    """Return a small RGB image of ``section`` and its size in full-resolution pixels.
 
     Reads the coarsest pyramid level that is stored rather than computed on the fly (for images loaded into memory
     the lazy coarse levels recompute from full resolution, which is slow), subsamples it with a stride and averages
@@ -94,12 +94,14 @@ def draw_section(
     image: bool = True,
     alpha: float = 0.9,
     edgecolor: str = "black",
+    crop: bool = True,
 ) -> Any:
     """Draw the H&E of ``section`` and one circle per spot (filled by ``values`` if given) on ``ax``.
 
     Returns
     -------
-    The :class:`~matplotlib.collections.PatchCollection` of the circles.
+    The :class:`~matplotlib.collections.PatchCollection` of the circles. With ``crop``, the view is zoomed to the
+    spots (plus two spot diameters), else it shows the whole image.
     """
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Circle
@@ -116,8 +118,8 @@ def draw_section(
         coll.set_array(np.asarray(values, dtype=np.float64))
         coll.set_clim(vmin, vmax)
     ax.add_collection(coll)
-    if not (image and sdata is not None):
-        pad = 2 * radius
+    if crop or not (image and sdata is not None):
+        pad = 4 * radius
         ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
         ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
     ax.set_aspect("equal")
@@ -126,8 +128,10 @@ def draw_section(
     return coll
 
 
-def grid(n: int, *, ncols: int, panel_size: tuple[float, float], figsize: tuple[float, float] | None = None) -> tuple[Any, np.ndarray]:
-    """A figure with ``n`` panels in rows of ``ncols``; unused panels are hidden. Returns ``(fig, axes[:n])``."""
+def grid(
+    n: int, *, ncols: int, panel_size: tuple[float, float], figsize: tuple[float, float] | None = None
+) -> tuple[Any, np.ndarray]:
+    """Make a figure with ``n`` panels in rows of ``ncols``; unused panels are hidden. Returns ``(fig, axes[:n])``."""
     import matplotlib.pyplot as plt
 
     ncols = max(1, min(ncols, n))
@@ -156,5 +160,5 @@ def finish(fig: Any, show: bool | None, save: str | Path | None) -> None:
 
 
 def as_list(x: str | Sequence[str]) -> list[str]:
-    """A string or a sequence of strings as a list."""
+    """Return a string or a sequence of strings as a list."""
     return [x] if isinstance(x, str) else [str(v) for v in x]

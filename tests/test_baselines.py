@@ -1,0 +1,159 @@
+"""Baselines (ridge, kNN, MLP): fit on C2-C5 and predict C6 with cheap colour embeddings of the real H&E."""
+
+import numpy as np
+import pytest
+import spatialdata as sd
+
+import stemst
+from stemst._schema import get_image, section_info, section_mask
+from stemst.tl._baselines import _fit_ridge, ridge_path
+from stemst.tl._data import training_set
+
+TRAIN = ["C2", "C3", "C4", "C5"]
+STRIDE = 4
+
+
+def patch_features(patch):
+    """Per-channel mean and std, plus per-quadrant channel means (so flips and rotations change them)."""
+    p = patch.astype(np.float32) / 255
+    h, w = p.shape[1] // 2, p.shape[2] // 2
+    quads = [p[:, :h, :w], p[:, :h, w:], p[:, h:, :w], p[:, h:, w:]]
+    return np.concatenate([p.mean((1, 2)), p.std((1, 2))] + [q.mean((1, 2)) for q in quads])
+
+
+def views_of(patch):
+    """The 8 dihedral views of a (c, y, x) patch, view 0 the original."""
+    out = []
+    for k in range(4):
+        r = np.rot90(patch, k, axes=(1, 2))
+        out += [r, r[:, :, ::-1]]
+    return out
+
+
+def color_embeddings(sdata, table):
+    """Cheap embeddings: colour statistics of the spot-sized patch, from the image subsampled 4x."""
+    x = np.zeros((table.n_obs, 18), np.float32)
+    v = np.zeros((table.n_obs, 8, 18), np.float32)
+    for s in ["C2", "C3", "C4", "C5", "C6"]:
+        img = np.asarray(get_image(sdata, s, 0)[:, ::STRIDE, ::STRIDE])
+        half = int(section_info(table, s).spot_diameter_px / 2 / STRIDE)
+        for i in np.flatnonzero(section_mask(table, s)):
+            cx, cy = (table.obsm["spatial"][i] / STRIDE).astype(int)
+            patch = img[:, max(cy - half, 0) : cy + half, max(cx - half, 0) : cx + half]
+            v[i] = [patch_features(p) for p in views_of(patch)]
+            x[i] = v[i, 0]
+    table.obsm["X_color"], table.obsm["X_color_views"] = x, v
+
+
+@pytest.fixture(scope="module")
+def sdata(her2st_c):
+    table = her2st_c.tables["table"].copy()
+    color_embeddings(her2st_c, table)
+    train = table[section_mask(table, TRAIN)]
+    mean = np.asarray(train.X.mean(0)).ravel()
+    keep = ~table.var_names.str.match(r"^(MT-|RPS|RPL)")
+    table.var["stemst_panel"] = False
+    table.var.iloc[np.argsort(-np.where(keep, mean, -1))[:40], table.var.columns.get_loc("stemst_panel")] = True
+    return sd.SpatialData(images=dict(her2st_c.images), shapes=dict(her2st_c.shapes), tables={"table": table})
+
+
+def held_out_pearson(sdata, model, key):
+    stemst.tl.predict(model, sdata, sections="C6", key_added=key, progress=False)
+    return stemst.tl.evaluate(sdata, pred_key=key, key_added=None).summary["mean_pearson"]
+
+
+@pytest.fixture(scope="module")
+def shuffled(sdata):
+    """Same data with the training embeddings permuted across spots: no image information left."""
+    table = sdata.tables["table"].copy()
+    train = np.flatnonzero(section_mask(table, TRAIN))
+    perm = np.random.default_rng(0).permutation(train)
+    for key in ("X_color", "X_color_views"):
+        table.obsm[key][train] = table.obsm[key][perm]
+    return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("ridge", {}), ("ridge", {"alpha": "hest"}), ("knn", {"k": 50}), ("mlp", {"steps": 150, "val_section": "C5"})],
+)
+def test_baselines_predict_held_out_section(sdata, shuffled, method, kwargs):
+    fit = dict(method=method, embedding_key="X_color", sections=TRAIN, progress=False, **kwargs)
+    model = stemst.tl.fit_baseline(sdata, **fit)
+    assert isinstance(model, stemst.tl.Predictor) and model.method == method and model.n_genes == 40
+    r = held_out_pearson(sdata, model, f"{method}_prediction")
+    control = held_out_pearson(shuffled, stemst.tl.fit_baseline(shuffled, **fit), "control")
+    assert r > 0.25, r
+    assert r > control + 0.15, (r, control)
+    pred = sdata.tables[f"{method}_prediction"]
+    assert pred.uns["stemst_prediction"]["method"] == method
+    assert pred.n_obs == int((sdata.tables["table"].obs["section"] == "C6").sum())
+    np.testing.assert_array_equal(pred.layers["std"], 0)  # deterministic
+
+
+def test_ridge_settings(sdata):
+    hest = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha="hest")
+    p = hest.params()
+    assert p["n_components"] == 18  # fewer features than 256
+    assert p["alpha"] == pytest.approx(100 / (18 * 40))
+    cv = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN)
+    assert cv.params()["alpha_rule"] == "cv" and len(cv.cv_scores["mean_pearson"]) == 15
+    assert np.max(cv.cv_scores["mean_pearson"]) > 0.2
+    with pytest.raises(ValueError, match="alpha must be"):
+        stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha=-1)
+    with pytest.raises(ValueError, match="Unknown baseline 'svm'"):
+        stemst.tl.fit_baseline(sdata, method="svm", embedding_key="X_color")
+    with pytest.raises(TypeError, match="settings of 'knn'"):
+        stemst.tl.fit_baseline(sdata, method="knn", embedding_key="X_color", alpha=1.0)
+
+
+def test_ridge_recovers_coefficients():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 4))
+    B = rng.normal(size=(4, 3))
+    Y = X @ B + np.array([1.0, -2.0, 0.5])
+    W, y_mean = ridge_path(X, Y, [0.0, 1e-8, 1e6])
+    np.testing.assert_allclose(W[1], B, atol=1e-6)
+    np.testing.assert_allclose(y_mean - X.mean(0) @ W[1], [1.0, -2.0, 0.5], atol=1e-6)
+    assert np.abs(W[2]).max() < 1e-3  # a huge penalty shrinks to zero
+    # the full probe (standardise + PCA + ridge) with alpha -> 0 predicts new points exactly
+    model = _fit_ridge(
+        X,
+        Y,
+        np.zeros(50),
+        alpha=1e-10,
+        genes=["a", "b", "c"],
+        embedding_key="X",
+        transform="log2p1",
+        encoder=None,
+        settings={},
+    )
+    X_new = rng.normal(size=(10, 4))
+    np.testing.assert_allclose(model.predict_mean(X_new), X_new @ B + [1.0, -2.0, 0.5], atol=1e-6)
+
+
+def test_knn_k1_reproduces_training_targets(sdata):
+    knn = stemst.tl.fit_baseline(sdata, method="knn", embedding_key="X_color", sections=TRAIN, k=1, metric="euclidean")
+    ts = training_set(sdata, embedding_key="X_color", sections=TRAIN)  # the training spots (empty ones dropped)
+    np.testing.assert_array_equal(knn.predict_mean(ts.X), ts.Y)
+    table = sdata.tables["table"]
+    # k larger than the training set is clipped
+    tiny = stemst.tl.fit_baseline(sdata, method="knn", embedding_key="X_color", sections="C2", k=10_000)
+    assert tiny.params()["k"] == tiny.params()["n_train"] <= int(section_mask(table, "C2").sum())
+
+
+def test_augment_and_determinism(sdata):
+    kw = {"method": "mlp", "embedding_key": "X_color", "sections": TRAIN, "steps": 30, "progress": False}
+    a = stemst.tl.fit_baseline(sdata, augment=True, rng=3, **kw)
+    b = stemst.tl.fit_baseline(sdata, augment=True, rng=3, **kw)
+    c = stemst.tl.fit_baseline(sdata, augment=True, rng=4, **kw)
+    X = sdata.tables["table"].obsm["X_color"][:20]
+    np.testing.assert_array_equal(a.predict_mean(X), b.predict_mean(X))
+    assert not np.allclose(a.predict_mean(X), c.predict_mean(X))
+    assert [h["step"] for h in a.history] == list(range(1, 31))
+    ridge = stemst.tl.fit_baseline(
+        sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha=1.0, augment=True
+    )
+    ridge_plain = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha=1.0)
+    assert ridge.params()["augment"] is True
+    assert not np.allclose(ridge.predict_mean(X), ridge_plain.predict_mean(X))  # the views are used
