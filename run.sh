@@ -26,7 +26,7 @@ fi
 if [ -z "${STEMST_DATA_DIR:-}" ] && [ -d ../shared/data/her2st ]; then
   export STEMST_DATA_DIR="$(cd ../shared/data && pwd)"
 fi
-export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 case "$task" in
   demo) exec .venv/bin/stemst demo "$@" ;;

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP threads otherwise busy-wait, which is ~30x slower on a small shared CPU
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "STEMST_DATA_DIR" not in os.environ and _SHARED.exists():
     os.environ["STEMST_DATA_DIR"] = str(_SHARED)

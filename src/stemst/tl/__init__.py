@@ -12,11 +12,16 @@ from ._metrics import (
     summary_metrics,
     variance_ratio,
 )
-from ._predict import predict
+from ._fit import fit
+from ._model import StemstModel
+from ._predict import predict, predict_image
 
 __all__ = [
     "Predictor",
     "predict",
+    "predict_image",
+    "fit",
+    "StemstModel",
     "evaluate",
     "compare",
     "Evaluation",

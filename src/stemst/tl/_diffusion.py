@@ -52,7 +52,7 @@ class Schedule:
 
 
 def linear_betas(n_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """The linear beta schedule of DDPM (``beta_start .. beta_end`` scaled for ``n_steps`` = 1000)."""
+    """Return the linear beta schedule of DDPM (``beta_start .. beta_end`` scaled for ``n_steps`` = 1000)."""
     scale = 1000.0 / n_steps
     return torch.linspace(beta_start * scale, beta_end * scale, n_steps, dtype=torch.float64)
 
@@ -141,7 +141,7 @@ def denoised(
 def training_target(
     sched: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, parameterization: str = "eps"
 ) -> torch.Tensor:
-    """What the network's mean output regresses on, for each parameterisation."""
+    """Return what the network's mean output regresses on, for each parameterisation."""
     if parameterization == "eps":
         return noise
     if parameterization == "x0":
@@ -215,12 +215,22 @@ def hybrid_loss(
 # samplers
 
 
-def sampling_timesteps(n_train_steps: int, steps: int) -> list[int]:
-    """``steps`` integer time steps evenly spaced from ``T - 1`` down to 0 (distinct, descending)."""
+def sampling_timesteps(n_train_steps: int, steps: int, spacing: str = "quadratic") -> list[int]:
+    """Return ``steps`` distinct integer time steps from ``T - 1`` down to 0.
+
+    ``spacing="quadratic"`` (default) places them at ``(T - 1) u^2`` for ``u`` evenly spaced in [1, 0], which keeps the
+    log-SNR increments even enough for the multistep solver (uniform spacing leaves one huge log-SNR jump into
+    ``t = 0`` with the linear schedule); ``"uniform"`` spaces them evenly in ``t``.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     steps = min(steps, n_train_steps)
-    ts = torch.linspace(n_train_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    u = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
+    if spacing == "quadratic":
+        u = u**2
+    elif spacing != "uniform":
+        raise ValueError(f"Unknown spacing {spacing!r}; known: ['quadratic', 'uniform'].")
+    ts = ((n_train_steps - 1) * u).round().long().tolist()
     return sorted(set(ts), reverse=True)
 
 
@@ -242,7 +252,7 @@ def sample_ancestral(
     generator: torch.Generator | None = None,
     callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """The DDPM ancestral sampler over all ``T`` steps, with the model's learned variance.
+    """Sample with DDPM's ancestral sampler over all ``T`` steps, with the model's learned variance.
 
     Parameters
     ----------
@@ -279,14 +289,16 @@ def sample_ddim(
     *,
     steps: int = 50,
     eta: float = 0.0,
+    spacing: str = "quadratic",
     generator: torch.Generator | None = None,
     callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) on ``steps`` evenly spaced time steps; ``eta = 0`` is the deterministic ODE sampler.
 
-    The last step goes to ``abar = 1``, i.e. it returns the final data prediction.
+    The last step goes to ``abar = 1``, i.e. it returns the final data prediction. ``spacing``: see
+    :func:`sampling_timesteps`.
     """
-    ts = sampling_timesteps(sched.n_steps, steps)
+    ts = sampling_timesteps(sched.n_steps, steps, spacing)
     abar = sched.alphas_cumprod
     for i, t in enumerate(ts):
         x0_hat, eps, _ = model_fn(x, _tvec(t, x))
@@ -307,6 +319,7 @@ def sample_dpmpp_2m(
     x: torch.Tensor,
     *,
     steps: int = 25,
+    spacing: str = "quadratic",
     generator: torch.Generator | None = None,
     callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
@@ -315,9 +328,10 @@ def sample_dpmpp_2m(
     With ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)`` and ``h = lambda_next - lambda_t``, a step is
     ``x_next = sigma_next / sigma_t * x - alpha_next * (exp(-h) - 1) * D`` where ``D`` is the data prediction, corrected
     with the previous one, ``D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev`` with ``r = h_prev / h``. The first step and
-    the last (to ``sigma = 0``, which returns ``D``) are first order. ``generator`` is unused (deterministic).
+    the last (to ``sigma = 0``, which returns ``D``) are first order. ``spacing``: see :func:`sampling_timesteps`;
+    ``generator`` is unused (deterministic).
     """
-    ts = sampling_timesteps(sched.n_steps, steps)
+    ts = sampling_timesteps(sched.n_steps, steps, spacing)
     abar = sched.alphas_cumprod.double()
     alpha = lambda t: math.sqrt(float(abar[t]))  # noqa: E731
     sigma = lambda t: math.sqrt(1.0 - float(abar[t]))  # noqa: E731
@@ -340,12 +354,12 @@ def sample_dpmpp_2m(
     return x
 
 
-def n_evaluations(sampler: str, steps: int, n_train_steps: int = 1000) -> int:
+def n_evaluations(sampler: str, steps: int, n_train_steps: int = 1000, spacing: str = "quadratic") -> int:
     """Network evaluations one sampler run takes."""
     if sampler == "ancestral":
         return n_train_steps
     if sampler in SAMPLERS:
-        return len(sampling_timesteps(n_train_steps, steps))
+        return len(sampling_timesteps(n_train_steps, steps, spacing))
     raise ValueError(f"Unknown sampler {sampler!r}; known: {list(SAMPLERS)}.")
 
 
@@ -360,9 +374,12 @@ def run_sampler(
     callback: Callable[[], None] | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Dispatch to a sampler by name (``"dpmpp_2m"``, ``"ddim"`` or ``"ancestral"``; ``steps`` unused by the last)."""
+    """Dispatch to a sampler by name (``"dpmpp_2m"``, ``"ddim"`` or ``"ancestral"``; ``steps`` unused by the last).
+
+    ``kwargs`` go to the sampler (``spacing``; ``eta`` for DDIM).
+    """
     if sampler == "dpmpp_2m":
-        return sample_dpmpp_2m(model_fn, sched, x, steps=steps, generator=generator, callback=callback)
+        return sample_dpmpp_2m(model_fn, sched, x, steps=steps, generator=generator, callback=callback, **kwargs)
     if sampler == "ddim":
         return sample_ddim(model_fn, sched, x, steps=steps, generator=generator, callback=callback, **kwargs)
     if sampler == "ancestral":

@@ -85,7 +85,9 @@ class GeneAttentionBlock(nn.Module):
         self.out = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(width, int(width * mlp_ratio)), nn.GELU(approximate="tanh"), nn.Linear(int(width * mlp_ratio), width)
+            nn.Linear(width, int(width * mlp_ratio)),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(int(width * mlp_ratio), width),
         )
         self.ada = AdaLNZero(width, 6)
 
@@ -193,8 +195,8 @@ class ResidualMLP(nn.Module):
         n_genes: int,
         cond_dim: int,
         *,
-        width: int = 512,
-        depth: int = 4,
+        width: int = 256,
+        depth: int = 3,
         heads: int = 1,
         mlp_ratio: float = 2.0,
         learn_variance: bool = True,
@@ -209,7 +211,7 @@ class ResidualMLP(nn.Module):
         self.final = FinalLayer(width, n_genes * (2 if learn_variance else 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Same contract as :meth:`GeneTransformer.forward`."""
+        """Apply the network; same contract as :meth:`GeneTransformer.forward`."""
         c = self.cond(t, emb)
         h = self.inp(x)
         for block in self.blocks:
@@ -225,7 +227,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"transformer": GeneTransformer, "ml
 #: default sizes per architecture (the transformer's are the paper's)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "transformer": {"depth": 12, "width": 384, "heads": 6, "mlp_ratio": 4.0},
-    "mlp": {"depth": 4, "width": 512, "heads": 1, "mlp_ratio": 2.0},
+    "mlp": {"depth": 3, "width": 256, "heads": 1, "mlp_ratio": 2.0},
 }
 
 
@@ -238,5 +240,5 @@ def build_denoiser(architecture: str, n_genes: int, cond_dim: int, **kwargs: Any
 
 
 def n_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    """Count the parameters."""
+    return sum(p.numel() for p in module.parameters())

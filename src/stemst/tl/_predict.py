@@ -105,7 +105,9 @@ def predict(
     logger.info("Predicting %d spots x %d genes with %s (%d samples)", len(X), model.n_genes, model.method, n_draw)
     samples = np.asarray(model.sample(X, n_samples=n_draw, rng=rng, progress=progress, **sample_kwargs), np.float32)
     if samples.shape != (n_draw, len(X), model.n_genes):
-        raise RuntimeError(f"{model.method} returned samples of shape {samples.shape}, expected {(n_draw, len(X), model.n_genes)}.")
+        raise RuntimeError(
+            f"{model.method} returned samples of shape {samples.shape}, expected {(n_draw, len(X), model.n_genes)}."
+        )
     counts = np.mean(inverse_transform(samples, method=model.transform), axis=0).astype(np.float32)
 
     obs = pd.DataFrame(index=src.obs_names.copy())
@@ -142,3 +144,182 @@ def predict(
     data.tables[key] = out
     logger.info("Stored predictions in sdata.tables[%r]", key)
     return key
+
+
+def tissue_mask(image: np.ndarray, *, min_saturation: float | None = None, max_brightness: float = 0.92) -> np.ndarray:
+    """Boolean tissue mask of an RGB ``(c, y, x)`` uint8 image: saturated, not-white pixels.
+
+    Saturation is ``(max - min) / max`` over the channels; its threshold is Otsu's on the image unless given. Glass
+    is bright and grey, H&E-stained tissue is coloured.
+    """
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    mx, mn = rgb.max(0), rgb.min(0)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    if min_saturation is None:
+        min_saturation = _otsu(sat)
+    return (sat > min_saturation) & (rgb.mean(0) < max_brightness)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
+    p = hist / max(hist.sum(), 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * centres)
+    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return float(centres[int(np.argmax(between))])
+
+
+def grid_spots(
+    sdata: Any,
+    section: str,
+    *,
+    spacing_um: float,
+    table_key: str = TABLE_KEY,
+    microns_per_pixel: float | None = None,
+    min_tissue: float = 0.25,
+) -> tuple[np.ndarray, float]:
+    """Centres ``(x, y)`` (full-resolution pixels) of a square grid of pseudo-spots over the tissue of ``section``.
+
+    A grid point is kept when at least ``min_tissue`` of the pixels of its cell (at the coarsest pyramid level) are
+    tissue (:func:`tissue_mask`). Returns the centres and the pixel spacing.
+    """
+    from stemst._schema import get_image, section_info
+
+    if microns_per_pixel is None:
+        microns_per_pixel = section_info(get_table(sdata, table_key), section).microns_per_pixel
+    full = get_image(sdata, section, scale=0)
+    coarse = get_image(sdata, section, scale=99)  # clamps to the coarsest level
+    h0, w0 = full.shape[1:]
+    factor = h0 / coarse.shape[1]
+    mask = tissue_mask(np.asarray(coarse))
+    step = spacing_um / microns_per_pixel
+    if step < 1:
+        raise ValueError(f"spacing_um={spacing_um} is below one pixel ({microns_per_pixel:.3g} µm/px).")
+    xs, ys = np.arange(step / 2, w0, step), np.arange(step / 2, h0, step)
+    centres, half = [], max(0.5, step / factor / 2)
+    for y in ys:
+        for x in xs:
+            cy, cx = y / factor, x / factor
+            cell = mask[int(max(0, cy - half)) : int(cy + half) + 1, int(max(0, cx - half)) : int(cx + half) + 1]
+            if cell.size and cell.mean() >= min_tissue:
+                centres.append((x, y))
+    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), float(step)
+
+
+def predict_image(
+    model: Predictor,
+    sdata: Any,
+    section: str,
+    *,
+    spacing_um: float | None = None,
+    table_key: str = TABLE_KEY,
+    key_added: str | None = None,
+    min_tissue: float = 0.25,
+    n_samples: int = 20,
+    batch_size: int = 64,
+    rng: Any = 0,
+    progress: bool = True,
+    **sample_kwargs: Any,
+) -> str:
+    """Predict expression over the tissue of a section that has an H&E image but no sequenced spots.
+
+    Lays a square grid of pseudo-spots over the tissue (:func:`grid_spots`), stores it as a circles element
+    ``f"{section}_grid"`` with a table ``f"{section}_grid_table"`` (no counts), embeds the patches with the model's
+    encoder and patch size (:func:`stemst.pp.embed_patches`) and runs :func:`predict` on them.
+
+    Parameters
+    ----------
+    model
+        A trained model with known encoder settings (``model.encoder``, from the training table).
+    sdata
+        SpatialData with the image ``f"{section}_he"``; the section's metadata (µm per pixel) is read from
+        ``tables[table_key].uns['stemst']['sections']``.
+    section
+        Section name.
+    spacing_um
+        Grid spacing; default the model's patch size (so neighbouring patches touch), else the spot diameter.
+    table_key
+        Table holding the section metadata.
+    key_added
+        Name of the prediction table; default ``f"stemst_prediction_{section}_grid"``.
+    min_tissue
+        Fraction of a grid cell that must be tissue.
+    n_samples, rng, progress, sample_kwargs
+        As in :func:`predict`.
+    batch_size
+        Patches per encoder forward pass.
+
+    Returns
+    -------
+    The key of the new prediction table (same layout as :func:`predict`'s), annotating ``shapes[f"{section}_grid"]``.
+
+    Examples
+    --------
+    >>> key = stemst.tl.predict_image(model, sdata, "C7")  # doctest: +SKIP
+    """
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    from stemst._schema import SECTION_KEY, section_info
+    from stemst.pp import embed_patches
+
+    if not model.encoder.get("encoder"):
+        raise StemstDataError(
+            "The model does not record which encoder made its embeddings (fit it on a table embedded with "
+            "stemst.pp.embed_patches); predict_image needs it to embed new patches the same way."
+        )
+    info = section_info(get_table(sdata, table_key), section)
+    patch_um = model.encoder.get("patch_size_um")
+    if isinstance(patch_um, dict) and patch_um:
+        patch_um = float(np.median(list(patch_um.values())))
+    if spacing_um is None:
+        spacing_um = float(patch_um) if patch_um else info.spot_diameter_um
+    centres, _ = grid_spots(sdata, section, spacing_um=spacing_um, table_key=table_key, min_tissue=min_tissue)
+    if not len(centres):
+        raise StemstDataError(f"No tissue found in section {section!r}; lower min_tissue or check the image.")
+    region = f"{section}_grid"
+    ids = pd.Index([f"g{i}" for i in range(len(centres))])
+    sdata.shapes[region] = ShapesModel.parse(
+        centres,
+        geometry=0,
+        radius=np.full(len(centres), spacing_um / info.microns_per_pixel / 2),
+        index=ids,
+        transformations={section: Identity()},
+    )
+    obs = pd.DataFrame(
+        {
+            SECTION_KEY: pd.Categorical([section] * len(ids)),
+            REGION_KEY: pd.Categorical([region] * len(ids)),
+            INSTANCE_KEY: ids.to_numpy(),
+        },
+        index=pd.Index([f"{region}_{i}" for i in ids]),
+    )
+    grid = ad.AnnData(obs=obs)
+    grid.obsm[SPATIAL_KEY] = centres
+    grid.uns[UNS_KEY] = {"sections": {section: info.to_dict()}}
+    grid_key = f"{region}_table"
+    sdata.tables[grid_key] = TableModel.parse(grid, region=region, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    encoders = model.encoder.get("encoders") or model.encoder["encoder"]
+    embed_patches(
+        sdata,
+        encoder=encoders,
+        table_key=grid_key,
+        sections=[section],
+        patch_size_um=patch_um or None,
+        augment=False,
+        batch_size=batch_size,
+        progress=progress,
+        key_added=model.embedding_key,
+    )
+    logger.info("Predicting %d grid spots (%.0f µm apart) in section %r", len(ids), spacing_um, section)
+    return predict(
+        model,
+        sdata,
+        table_key=grid_key,
+        key_added=key_added or f"{PREDICTION_KEY}_{region}",
+        n_samples=n_samples,
+        rng=rng,
+        progress=progress,
+        **sample_kwargs,
+    )

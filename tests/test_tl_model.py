@@ -1,0 +1,217 @@
+"""tl.fit / StemstModel / tl.predict / tl.predict_image on real HER2ST sections with the cheap colour-statistics encoder."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import stemst
+from stemst._schema import StemstDataError
+from stemst.tl import StemstModel, fit, predict
+from stemst.tl._data import training_set
+
+KEY = "X_color_stats"
+TRAIN = ["C2", "C3", "C4", "C5"]
+# small and quick on a CPU; the settings the package defaults to, at a smaller size
+FAST = {"architecture": "mlp", "width": 128, "depth": 2, "lr": 1e-3, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def embedded(her2st_c):
+    """A copy of the C2-C6 table with colour-statistics embeddings (no views: 8x cheaper) and a 100-gene panel."""
+    import spatialdata as sd
+
+    sdata = sd.SpatialData(
+        images=dict(her2st_c.images), shapes=dict(her2st_c.shapes), tables={"table": her2st_c.tables["table"].copy()}
+    )
+    stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
+    t = sdata.tables["table"]
+    tr = t[t.obs["section"].isin(TRAIN)]
+    counts = np.asarray(tr.X.sum(0)).ravel()
+    t.var["stemst_panel"] = False
+    t.var.iloc[np.argsort(-counts)[:100], t.var.columns.get_loc("stemst_panel")] = True
+    return sdata
+
+
+def _pearson(pred, true):
+    p, y = pred - pred.mean(0), true - true.mean(0)
+    return (p * y).sum(0) / np.sqrt((p * p).sum(0) * (y * y).sum(0) + 1e-12)
+
+
+@pytest.fixture(scope="module")
+def model(embedded):
+    return fit(embedded, embedding_key=KEY, sections=TRAIN, steps=400, **FAST)
+
+
+def test_fit_beats_shuffled_control_on_heldout_section(embedded, model):
+    table = embedded.tables["table"]
+    truth = training_set(table, embedding_key=KEY, sections="C6", drop_empty=False)
+    key = predict(model, embedded, sections="C6", n_samples=8, rng=0, progress=False, steps=20)
+    pred = embedded.tables[key]
+    r = np.nanmean(_pearson(pred.X, truth.Y))
+
+    shuffled = table.copy()
+    shuffled.obsm[KEY] = shuffled.obsm[KEY][np.random.default_rng(0).permutation(shuffled.n_obs)]
+    control = fit(shuffled, embedding_key=KEY, sections=TRAIN, steps=400, **FAST)
+    r_control = np.nanmean(_pearson(control.predict_mean(truth.X, n_samples=8, rng=0, progress=False), truth.Y))
+    print(f"held-out C6 mean per-gene Pearson: model {r:.3f}, shuffled-embedding control {r_control:.3f}")
+    assert r > 0.3
+    assert r > r_control + 0.15
+
+
+def test_prediction_table_layout(embedded, model):
+    n6 = int((embedded.tables["table"].obs["section"] == "C6").sum())
+    key = predict(model, embedded, sections="C6", n_samples=4, rng=1, progress=False, sampler="ddim", steps=10)
+    pred = embedded.tables[key]
+    assert key == "stemst_prediction"
+    assert pred.shape == (n6, model.n_genes) and list(pred.var_names) == model.genes
+    assert pred.layers["std"].shape == pred.shape and (pred.layers["std"] > 0).mean() > 0.9
+    assert pred.obsm["samples"].shape == (n6, 4, model.n_genes)
+    np.testing.assert_allclose(pred.X, pred.obsm["samples"].mean(1), rtol=1e-5, atol=1e-5)
+    assert np.all(pred.layers["counts"] >= -1e-3)
+    assert pred.uns["stemst_prediction"]["sampler"] == "ddim" and pred.uns["stemst_prediction"]["steps"] == 10
+    assert (pred.obs["region"] == "C6_spots").all()
+    assert model.history and set(model.history[-1]) == {"step", "loss", "mse", "lr", "time"}
+    assert model.history[-1]["loss"] < model.history[0]["loss"]
+    text = repr(model)
+    assert "mlp" in text and "100 genes" in text and "steps trained=400" in text and "parameters" in text
+
+
+def test_save_load_identical(embedded, model, tmp_path):
+    X = embedded.tables["table"].obsm[KEY][:50]
+    path = model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = StemstModel.load(path, device="cpu")
+    a = model.sample(X, n_samples=3, rng=7, progress=False)
+    b = loaded.sample(X, n_samples=3, rng=7, progress=False)
+    assert a.shape == (3, 50, 100) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert loaded.genes == model.genes and loaded.encoder["encoder"] == "color_stats"
+    assert loaded.history == model.history
+    assert not np.array_equal(a, model.sample(X, n_samples=3, rng=8, progress=False))
+
+
+def test_resume_equals_uninterrupted(embedded, tmp_path):
+    kw = {**FAST, "width": 32, "embedding_key": KEY, "sections": ["C2"], "steps": 30, "log_every": 5}
+    full = fit(embedded, **kw)
+    fit(embedded, checkpoint_dir=tmp_path, checkpoint_every=10, callback=lambda step, m: step >= 15, **kw)
+    resumed = fit(embedded, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert resumed.steps_trained == 30
+    for (k, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history], abs=1e-6)
+    X = embedded.tables["table"].obsm[KEY][:20]
+    np.testing.assert_allclose(
+        full.sample(X, n_samples=2, rng=0, progress=False),
+        resumed.sample(X, n_samples=2, rng=0, progress=False),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="differ"):
+        fit(embedded, checkpoint_dir=tmp_path, resume=True, **{**kw, "width": 48})
+
+
+def test_fast_sampler_close_to_ancestral(embedded, model):
+    """DPM-Solver++(2M) at 25 steps and DDIM at 50 vs the 1000-step ancestral sampler, relative to the sampling noise
+    of a mean over 10 samples (two DPM-Solver++ runs with different seeds)."""
+    X = training_set(embedded.tables["table"], embedding_key=KEY, sections="C6").X[::2]
+    ref = model.predict_mean(X, n_samples=10, sampler="ancestral", rng=0, progress=False)
+    fast = model.predict_mean(X, n_samples=10, sampler="dpmpp_2m", steps=25, rng=1, progress=False)
+    again = model.predict_mean(X, n_samples=10, sampler="dpmpp_2m", steps=25, rng=2, progress=False)
+    ddim = model.predict_mean(X, n_samples=10, sampler="ddim", steps=50, rng=1, progress=False)
+    spread = ref.std(0).mean()
+    floor = np.abs(fast - again).mean() / spread
+    print(f"\nnoise floor (dpmpp_2m seed 1 vs 2): mean |gap| = {floor:.3f} x across-spot SD")
+    for name, m in (("dpmpp_2m/25", fast), ("ddim/50", ddim)):
+        gap = np.abs(m - ref).mean() / spread
+        r = np.nanmean(_pearson(m, ref))
+        print(f"{name} vs ancestral/1000: mean |gap| = {gap:.3f} x across-spot SD, per-gene r = {r:.3f}")
+        assert gap < 1.35 * floor and r > 0.8
+
+
+def test_nan_loss_stops_training(embedded, tmp_path):
+    with pytest.raises(FloatingPointError, match="step"):
+        fit(
+            embedded,
+            embedding_key=KEY,
+            sections=["C2"],
+            steps=20,
+            lr=1e12,
+            max_grad_norm=None,
+            log_every=2,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+            **{k: v for k, v in FAST.items() if k != "lr"},
+        )
+    assert (tmp_path / "checkpoint.pt").exists()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["ema"].values())
+
+
+def test_bad_inputs(embedded, model):
+    table = embedded.tables["table"]
+    with pytest.raises(KeyError, match="X_nope"):
+        fit(table, embedding_key="X_nope", steps=1, progress=False)
+    with pytest.raises(StemstDataError, match="absent"):
+        fit(table, embedding_key=KEY, genes=["ERBB2", "NOT_A_GENE"], steps=1, progress=False)
+    with pytest.raises(StemstDataError, match="Unknown sections"):
+        fit(table, embedding_key=KEY, sections=["Z9"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="architecture"):
+        fit(table, embedding_key=KEY, architecture="cnn", steps=1, progress=False)
+    bad = table[table.obs["section"] == "C6"].copy()
+    bad.obsm[KEY] = bad.obsm[KEY].copy()
+    bad.obsm[KEY][3, 0] = np.nan
+    with pytest.raises(StemstDataError, match="non-finite"):
+        fit(bad, embedding_key=KEY, steps=1, progress=False)
+    with pytest.raises(StemstDataError, match="non-finite"):
+        predict(model, bad, progress=False)
+    other = table[table.obs["section"] == "C6"].copy()
+    other.obsm["X_other"] = other.obsm.pop(KEY)
+    with pytest.raises(KeyError, match=KEY):
+        predict(model, other, progress=False)
+    wrong = table[table.obs["section"] == "C6"].copy()
+    wrong.uns["stemst"] = {**wrong.uns["stemst"], "embeddings": {KEY: {"encoder": "uni"}}}
+    with pytest.raises(StemstDataError, match="encoder"):
+        predict(model, wrong, progress=False)
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(table.obsm[KEY][:2], sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="embeddings"):
+        model.sample(np.zeros((2, 5), np.float32), progress=False)
+
+
+def test_predict_image_grid(her2st_small, model):
+    """A section with an image but no sequenced spots: C6 with its spots removed from the table."""
+    import spatialdata as sd
+
+    t = her2st_small.tables["table"]
+    keep = t[t.obs["section"] == "C2"].copy()
+    keep.uns["stemst"]["embeddings"] = {KEY: dict(model.encoder)}
+    keep.obs["region"] = keep.obs["region"].cat.remove_unused_categories()
+    keep.uns["spatialdata_attrs"] = {**keep.uns["spatialdata_attrs"], "region": ["C2_spots"]}
+    sdata = sd.SpatialData(
+        images={"C6_he": her2st_small.images["C6_he"]},
+        shapes={"C2_spots": her2st_small.shapes["C2_spots"]},
+        tables={"table": keep},
+    )
+    key = stemst.tl.predict_image(model, sdata, "C6", spacing_um=400, n_samples=2, steps=10, progress=False)
+    grid = sdata.shapes["C6_grid"]
+    pred = sdata.tables[key]
+    assert len(grid) == pred.n_obs > 20 and pred.n_vars == model.n_genes
+    assert np.isfinite(pred.X).all() and (pred.obs["region"] == "C6_grid").all()
+    assert set(pred.obs["spot_id"]) == set(grid.index)
+    # the grid covers the tissue: most grid points lie near a real (sequenced) C6 spot, and the spots are covered
+    real = t.obsm["spatial"][(t.obs["section"] == "C6").to_numpy()]
+    step = 400 / stemst._schema.section_info(t, "C6").microns_per_pixel
+    d_grid = np.sqrt(((pred.obsm["spatial"][:, None] - real[None]) ** 2).sum(-1))
+    assert (d_grid.min(1) < step).mean() > 0.8
+    assert (d_grid.min(0) < step).mean() > 0.9
+    with pytest.raises(StemstDataError, match="encoder"):
+        stemst.tl.predict_image(
+            StemstModel(net=model.net, config={**model.config, "encoder": {}}, stats=model.stats), sdata, "C6"
+        )
+
+
+def test_data_frame_of_history_is_plottable(model):
+    df = pd.DataFrame(model.history)
+    assert df["step"].is_monotonic_increasing and (df["lr"] > 0).all()
