@@ -1,0 +1,232 @@
+"""HER2ST benchmark: stemst against baselines, leave-one-section-out over C2-C6 and cross-patient (C2-C6 -> A1).
+
+One command (about 30-40 minutes on a 2-core CPU)::
+
+    STEMST_DATA_DIR=../shared/data .venv/bin/python benchmarks/her2st.py
+
+Writes ``benchmarks/results/her2st.json`` (every number) and ``docs/benchmarks_her2st.md`` (the tables).
+Every method sees the same embeddings (EfficientNet-Lite0, 8 views) and, per split, the same gene panel chosen on the
+training sections only. Nothing is tuned on a test section: stemst's settings are the package defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import stemst
+from stemst._schema import embedding_key, views_key
+from stemst._utils import markdown_table
+from stemst.tl._diffusion import n_evaluations
+from stemst.tl._metrics import pearson_per_gene, relative_variance_distance
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+DOCS = HERE.parent / "docs" / "benchmarks_her2st.md"
+C_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+N_SAMPLES, SAMPLER, SAMPLER_STEPS = 20, "dpmpp_2m", 25
+METRICS = ["mean_pearson", "pcc_10", "pcc_50", "mse", "mae", "rvd", "coverage_50", "coverage_90", "mean_pearson_norm"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def embed(sdata, encoder: str, cache: Path) -> str:
+    """Embed all spots once; cache the embeddings next to the results (not committed)."""
+    table = sdata.tables["table"]
+    key, vkey = embedding_key(encoder), views_key(encoder)
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if list(z["obs_names"]) == list(table.obs_names):
+            table.obsm[key], table.obsm[vkey] = z["X"], z["views"]
+            table.uns.setdefault("stemst", {}).setdefault("embeddings", {})[key] = json.loads(str(z["settings"]))
+            return key
+    t0 = time.perf_counter()
+    stemst.pp.embed_patches(sdata, encoder=encoder, augment=True)
+    dt = time.perf_counter() - t0
+    settings = dict(table.uns["stemst"]["embeddings"][key])
+    settings["benchmark_seconds"] = dt
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, obs_names=table.obs_names.to_numpy(str), X=table.obsm[key], views=table.obsm[vkey],
+             settings=json.dumps(settings, default=str))
+    return key
+
+
+def run_split(sdata, train: list[str], test: str, *, key: str, n_genes: int, fit_kwargs: dict, curve: bool) -> dict:
+    """Fit every method on ``train``, predict ``test``, evaluate."""
+    genes = stemst.pp.select_genes(sdata, train_sections=train, n_genes=n_genes, inplace=False)
+    rows, timings, preds = {}, {}, {}
+
+    t0 = time.perf_counter()
+    model = stemst.tl.fit(sdata, embedding_key=key, genes=genes, sections=train, progress=False, **fit_kwargs)
+    t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    preds["stemst"] = stemst.tl.predict(model, sdata, sections=test, key_added=f"stemst_{test}", progress=False,
+                                        n_samples=N_SAMPLES, sampler=SAMPLER, steps=SAMPLER_STEPS)
+    t_pred = time.perf_counter() - t0
+    nfe = N_SAMPLES * n_evaluations(SAMPLER, SAMPLER_STEPS, model.schedule.n_steps)
+    timings["stemst"] = {"fit_s": t_fit, "predict_s": t_pred, "nfe_per_spot": nfe, "peak_rss_mb": peak_rss_mb()}
+
+    baselines = {"ridge_hest": ("ridge", {"alpha": "hest"}), "ridge_cv": ("ridge", {"alpha": "cv"}),
+                 "knn": ("knn", {"k": 50}), "mlp": ("mlp", {})}
+    for name, (method, kw) in baselines.items():
+        t0 = time.perf_counter()
+        base = stemst.tl.fit_baseline(sdata, method=method, embedding_key=key, genes=genes, sections=train,
+                                      progress=False, **kw)
+        t_fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        preds[name] = stemst.tl.predict(base, sdata, sections=test, key_added=f"{name}_{test}", progress=False)
+        timings[name] = {"fit_s": t_fit, "predict_s": time.perf_counter() - t0, "nfe_per_spot": 1,
+                         "peak_rss_mb": peak_rss_mb()}
+    preds["library_size (yardstick)"] = stemst.tl.library_size_yardstick(
+        sdata, train_sections=train, test_sections=[test], genes=genes, key_added=f"libsize_{test}")
+    timings["library_size (yardstick)"] = {"fit_s": 0.0, "predict_s": 0.0, "nfe_per_spot": 0,
+                                           "peak_rss_mb": peak_rss_mb()}
+    table = stemst.tl.compare(sdata, list(preds.values()), names=list(preds), key_added=None)
+    for name in preds:
+        row = {m: _num(table.loc[name].get(m)) for m in table.columns if m not in ("method", "transform", "pred_key")}
+        rows[name] = {**row, **timings[name]}
+    out = {"train": train, "test": test, "n_genes": len(genes), "genes": genes, "methods": rows,
+           "model": repr(model), "model_params": {k: _jsonable(v) for k, v in model.params().items()}}
+    if curve:
+        out["sampling_curve"] = sampling_curve(sdata, model, test)
+    for k in preds.values():
+        del sdata.tables[k]
+    return out
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _jsonable(v):
+    return v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+
+
+def sampling_curve(sdata, model, test: str, *, n_samples: int = 10) -> list[dict]:
+    """Mean Pearson and RVD against sampler and number of steps, on the same trained model."""
+    table = sdata.tables["table"]
+    mask = (table.obs["section"] == test).to_numpy()
+    X = np.asarray(table[mask].obsm[model.embedding_key], np.float32)
+    y = stemst.tl._data.get_targets(table[mask], model.genes, model.transform)
+    rows = []
+    settings = [("ancestral", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m") for n in (5, 10, 25, 50, 100)]
+    for sampler, steps in settings:
+        t0 = time.perf_counter()
+        samples = model.sample(X, n_samples=n_samples, sampler=sampler, steps=steps, rng=0, progress=False)
+        dt = time.perf_counter() - t0
+        mean = samples.mean(0)
+        r = pearson_per_gene(mean, y)
+        rows.append({"sampler": sampler, "steps": steps, "mean_pearson": float(np.nanmean(r)),
+                     "rvd": float(relative_variance_distance(mean, y)), "seconds": dt,
+                     "spots_per_s": len(X) / dt})
+    return rows
+
+
+def summarise(splits: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per split and method rows, and the mean over the leave-one-section-out splits."""
+    records = []
+    for s in splits:
+        for method, row in s["methods"].items():
+            records.append({"split": f"{'+'.join(s['train'])} -> {s['test']}", "test": s["test"], "method": method, **row})
+    df = pd.DataFrame(records)
+    loso = df[df["test"].isin(C_SECTIONS)]
+    mean = loso.drop(columns=["split", "test"]).groupby("method", sort=False).mean(numeric_only=True)
+    return df, mean
+
+
+def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
+    """Markdown tables for the docs."""
+    cols = [c for c in METRICS + ["fit_s", "predict_s", "nfe_per_spot", "peak_rss_mb"] if c in df.columns]
+    lines = [
+        "## HER2ST: stemst against baselines",
+        "",
+        f"Measured with `{result['command']}` on {result['machine']} ({result['date']}); raw numbers in "
+        "`benchmarks/results/her2st.json`. Target log2(count + 1) of a "
+        f"{result['n_genes']}-gene HMHVG panel chosen on the training sections of each split; embeddings "
+        f"`{result['encoder']}` (8 flips/rotations). `_norm` metrics use library-normalised values; the library-size "
+        "row reads each test spot's measured depth, so it is a yardstick, not a method. Coverage: fraction of "
+        "measured values inside the central 50% / 90% sample interval (deterministic methods: no interval).",
+        "",
+        "### Leave-one-section-out over C2-C6, mean of the 5 splits",
+        "",
+        markdown_table(mean[[c for c in cols if c in mean.columns]]),
+        "",
+        "### Every split",
+        "",
+        markdown_table(df.set_index(["split", "method"])[cols].reset_index(level=0), index=True),
+        "",
+    ]
+    curves = [(s["test"], row) for s in result["splits"] for row in s.get("sampling_curve", [])]
+    if curves:
+        c = pd.DataFrame([{"test": t, **r} for t, r in curves])
+        agg = c.groupby(["sampler", "steps"], sort=False)[["mean_pearson", "rvd", "spots_per_s"]].mean()
+        agg = agg.reset_index().set_index("sampler")
+        lines += [
+            "### Sampling curve (one trained model, split C2-C5 -> C6)",
+            "",
+            "Mean per-gene Pearson of the 10-sample mean and RVD, for the 1000-step ancestral sampler of the paper and "
+            "the fast samplers at 5-100 steps, all on the same trained network.",
+            "",
+            markdown_table(agg),
+            "",
+        ]
+    DOCS.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="efficientnet_lite0")
+    parser.add_argument("--genes", type=int, default=100)
+    parser.add_argument("--tests", nargs="*", default=[*C_SECTIONS, "A1"], help="test sections (splits) to run")
+    parser.add_argument("--steps", type=int, default=None, help="training steps for stemst (default: package default)")
+    parser.add_argument("--no-curve", action="store_true", help="skip the sampling curve")
+    parser.add_argument("--curve-on", default="C6", help="test section of the split that gets the sampling curve")
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+    sdata = stemst.datasets.her2st([*C_SECTIONS, "A1"])
+    key = embed(sdata, args.encoder, RESULTS / "cache" / f"her2st_{args.encoder}.npz")
+    fit_kwargs = {} if args.steps is None else {"steps": args.steps}
+    splits = []
+    for test in args.tests:
+        train = [s for s in C_SECTIONS if s != test]
+        t0 = time.perf_counter()
+        splits.append(run_split(sdata, train, test, key=key, n_genes=args.genes, fit_kwargs=fit_kwargs,
+                                curve=not args.no_curve and test == args.curve_on))
+        print(f"split -> {test}: {time.perf_counter() - t0:.0f} s", flush=True)
+        for m, row in splits[-1]["methods"].items():
+            print(f"  {m:28s} r={row.get('mean_pearson', float('nan')):.3f} "
+                  f"rvd={row.get('rvd', float('nan')):.3f} mse={row.get('mse', float('nan')):.3f}", flush=True)
+    result = {
+        "command": "python benchmarks/her2st.py" + ("" if args.tests == [*C_SECTIONS, "A1"] else " --tests " + " ".join(args.tests)),
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
+        "date": time.strftime("%Y-%m-%d"),
+        "encoder": args.encoder,
+        "n_genes": args.genes,
+        "total_seconds": time.perf_counter() - t_start,
+        "embedding": sdata.tables["table"].uns["stemst"]["embeddings"][key],
+        "splits": splits,
+    }
+    df, mean = summarise(splits)
+    result["loso_mean"] = {m: {k: _num(v) for k, v in row.items()} for m, row in mean.iterrows()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "her2st.json").write_text(json.dumps(result, indent=1, default=_jsonable))
+    write_docs(result, df, mean)
+    print(markdown_table(mean[[c for c in METRICS if c in mean.columns]]))
+    print(f"wrote {RESULTS / 'her2st.json'} and {DOCS} in {result['total_seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
