@@ -56,8 +56,13 @@ def embed(sdata, encoder: str, cache: Path) -> str:
     settings = dict(table.uns["stemst"]["embeddings"][key])
     settings["benchmark_seconds"] = dt
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, obs_names=table.obs_names.to_numpy(str), X=table.obsm[key], views=table.obsm[vkey],
-             settings=json.dumps(settings, default=str))
+    np.savez(
+        cache,
+        obs_names=table.obs_names.to_numpy(str),
+        X=table.obsm[key],
+        views=table.obsm[vkey],
+        settings=json.dumps(settings, default=str),
+    )
     return key
 
 
@@ -70,33 +75,62 @@ def run_split(sdata, train: list[str], test: str, *, key: str, n_genes: int, fit
     model = stemst.tl.fit(sdata, embedding_key=key, genes=genes, sections=train, progress=False, **fit_kwargs)
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    preds["stemst"] = stemst.tl.predict(model, sdata, sections=test, key_added=f"stemst_{test}", progress=False,
-                                        n_samples=N_SAMPLES, sampler=SAMPLER, steps=SAMPLER_STEPS)
+    preds["stemst"] = stemst.tl.predict(
+        model,
+        sdata,
+        sections=test,
+        key_added=f"stemst_{test}",
+        progress=False,
+        n_samples=N_SAMPLES,
+        sampler=SAMPLER,
+        steps=SAMPLER_STEPS,
+    )
     t_pred = time.perf_counter() - t0
     nfe = N_SAMPLES * n_evaluations(SAMPLER, SAMPLER_STEPS, model.schedule.n_steps)
     timings["stemst"] = {"fit_s": t_fit, "predict_s": t_pred, "nfe_per_spot": nfe, "peak_rss_mb": peak_rss_mb()}
 
-    baselines = {"ridge_hest": ("ridge", {"alpha": "hest"}), "ridge_cv": ("ridge", {"alpha": "cv"}),
-                 "knn": ("knn", {"k": 50}), "mlp": ("mlp", {})}
+    baselines = {
+        "ridge_hest": ("ridge", {"alpha": "hest"}),
+        "ridge_cv": ("ridge", {"alpha": "cv"}),
+        "knn": ("knn", {"k": 50}),
+        "mlp": ("mlp", {}),
+    }
     for name, (method, kw) in baselines.items():
         t0 = time.perf_counter()
-        base = stemst.tl.fit_baseline(sdata, method=method, embedding_key=key, genes=genes, sections=train,
-                                      progress=False, **kw)
+        base = stemst.tl.fit_baseline(
+            sdata, method=method, embedding_key=key, genes=genes, sections=train, progress=False, **kw
+        )
         t_fit = time.perf_counter() - t0
         t0 = time.perf_counter()
         preds[name] = stemst.tl.predict(base, sdata, sections=test, key_added=f"{name}_{test}", progress=False)
-        timings[name] = {"fit_s": t_fit, "predict_s": time.perf_counter() - t0, "nfe_per_spot": 1,
-                         "peak_rss_mb": peak_rss_mb()}
+        timings[name] = {
+            "fit_s": t_fit,
+            "predict_s": time.perf_counter() - t0,
+            "nfe_per_spot": 1,
+            "peak_rss_mb": peak_rss_mb(),
+        }
     preds["library_size (yardstick)"] = stemst.tl.library_size_yardstick(
-        sdata, train_sections=train, test_sections=[test], genes=genes, key_added=f"libsize_{test}")
-    timings["library_size (yardstick)"] = {"fit_s": 0.0, "predict_s": 0.0, "nfe_per_spot": 0,
-                                           "peak_rss_mb": peak_rss_mb()}
+        sdata, train_sections=train, test_sections=[test], genes=genes, key_added=f"libsize_{test}"
+    )
+    timings["library_size (yardstick)"] = {
+        "fit_s": 0.0,
+        "predict_s": 0.0,
+        "nfe_per_spot": 0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     table = stemst.tl.compare(sdata, list(preds.values()), names=list(preds), key_added=None)
     for name in preds:
         row = {m: _num(table.loc[name].get(m)) for m in table.columns if m not in ("method", "transform", "pred_key")}
         rows[name] = {**row, **timings[name]}
-    out = {"train": train, "test": test, "n_genes": len(genes), "genes": genes, "methods": rows,
-           "model": repr(model), "model_params": {k: _jsonable(v) for k, v in model.params().items()}}
+    out = {
+        "train": train,
+        "test": test,
+        "n_genes": len(genes),
+        "genes": genes,
+        "methods": rows,
+        "model": repr(model),
+        "model_params": {k: _jsonable(v) for k, v in model.params().items()},
+    }
     if curve:
         out["sampling_curve"] = sampling_curve(sdata, model, test)
     for k in preds.values():
@@ -129,9 +163,16 @@ def sampling_curve(sdata, model, test: str, *, n_samples: int = 10) -> list[dict
         dt = time.perf_counter() - t0
         mean = samples.mean(0)
         r = pearson_per_gene(mean, y)
-        rows.append({"sampler": sampler, "steps": steps, "mean_pearson": float(np.nanmean(r)),
-                     "rvd": float(relative_variance_distance(mean, y)), "seconds": dt,
-                     "spots_per_s": len(X) / dt})
+        rows.append(
+            {
+                "sampler": sampler,
+                "steps": steps,
+                "mean_pearson": float(np.nanmean(r)),
+                "rvd": float(relative_variance_distance(mean, y)),
+                "seconds": dt,
+                "spots_per_s": len(X) / dt,
+            }
+        )
     return rows
 
 
@@ -140,7 +181,9 @@ def summarise(splits: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = []
     for s in splits:
         for method, row in s["methods"].items():
-            records.append({"split": f"{'+'.join(s['train'])} -> {s['test']}", "test": s["test"], "method": method, **row})
+            records.append(
+                {"split": f"{'+'.join(s['train'])} -> {s['test']}", "test": s["test"], "method": method, **row}
+            )
     df = pd.DataFrame(records)
     loso = df[df["test"].isin(C_SECTIONS)]
     mean = loso.drop(columns=["split", "test"]).groupby("method", sort=False).mean(numeric_only=True)
@@ -203,14 +246,27 @@ def main() -> None:
     for test in args.tests:
         train = [s for s in C_SECTIONS if s != test]
         t0 = time.perf_counter()
-        splits.append(run_split(sdata, train, test, key=key, n_genes=args.genes, fit_kwargs=fit_kwargs,
-                                curve=not args.no_curve and test == args.curve_on))
+        splits.append(
+            run_split(
+                sdata,
+                train,
+                test,
+                key=key,
+                n_genes=args.genes,
+                fit_kwargs=fit_kwargs,
+                curve=not args.no_curve and test == args.curve_on,
+            )
+        )
         print(f"split -> {test}: {time.perf_counter() - t0:.0f} s", flush=True)
         for m, row in splits[-1]["methods"].items():
-            print(f"  {m:28s} r={row.get('mean_pearson', float('nan')):.3f} "
-                  f"rvd={row.get('rvd', float('nan')):.3f} mse={row.get('mse', float('nan')):.3f}", flush=True)
+            print(
+                f"  {m:28s} r={row.get('mean_pearson', float('nan')):.3f} "
+                f"rvd={row.get('rvd', float('nan')):.3f} mse={row.get('mse', float('nan')):.3f}",
+                flush=True,
+            )
     result = {
-        "command": "python benchmarks/her2st.py" + ("" if args.tests == [*C_SECTIONS, "A1"] else " --tests " + " ".join(args.tests)),
+        "command": "python benchmarks/her2st.py"
+        + ("" if args.tests == [*C_SECTIONS, "A1"] else " --tests " + " ".join(args.tests)),
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
         "date": time.strftime("%Y-%m-%d"),
         "encoder": args.encoder,

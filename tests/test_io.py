@@ -378,6 +378,9 @@ def test_concatenate_sections(her2st_small, data_dir):
     for src in (her2st_small, a1):
         t = src.tables["table"]
         assert np.array_equal(table[t.obs_names, "ERBB2"].X.toarray(), t[:, "ERBB2"].X.toarray())
-    assert table.uns["stemst"]["sections"]["A1"]["microns_per_pixel"] == a1.tables["table"].uns["stemst"]["sections"]["A1"]["microns_per_pixel"]
+    assert (
+        table.uns["stemst"]["sections"]["A1"]["microns_per_pixel"]
+        == a1.tables["table"].uns["stemst"]["sections"]["A1"]["microns_per_pixel"]
+    )
     with pytest.raises(stemst.StemstDataError, match="more than one"):
         stemst.io.concatenate([her2st_small, her2st_small])

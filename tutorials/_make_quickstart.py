@@ -19,7 +19,6 @@ Data: five serial sections (C2-C6) of one HER2-positive tumour, legacy Spatial T
 from Andersson et al., *Nature Communications* 2021. We train on C2-C5 and predict C6."""),
     code("""import warnings
 
-import matplotlib.pyplot as plt
 import numpy as np
 import scanpy as sc
 import squidpy as sq

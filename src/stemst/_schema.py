@@ -99,7 +99,7 @@ class SectionInfo:
         return spots_key(self.section)
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialisable form stored in ``table.uns['stemst']['sections']``."""
+        """Return the serialisable form stored in ``table.uns["stemst"]["sections"]``."""
         d = asdict(self)
         d["spot_diameter_px"] = self.spot_diameter_px
         d["image_key"] = self.image_key
@@ -133,7 +133,9 @@ class Section:
 
 def _as_chw(image: Any, section: str) -> Any:
     if image.ndim != 3:
-        raise StemstDataError(f"Section {section!r}: the image must be 3-D (y, x, 3) or (3, y, x), got shape {image.shape}.")
+        raise StemstDataError(
+            f"Section {section!r}: the image must be 3-D (y, x, 3) or (3, y, x), got shape {image.shape}."
+        )
     if image.shape[-1] in (3, 4) and image.shape[0] not in (3, 4):
         image = image.transpose(2, 0, 1)
     if image.shape[0] == 4:

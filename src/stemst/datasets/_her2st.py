@@ -98,7 +98,9 @@ def _load_section(fetch: Any, section: str) -> Any:
     scale = image.shape[1] / A1_ORIGINAL_WIDTH if section == "A1" else 1.0
     missing = counts.index.difference(spots.index)
     if len(missing):
-        raise StemstDataError(f"HER2ST {section}: {len(missing)} spots with counts have no coordinates, e.g. {list(missing[:5])}.")
+        raise StemstDataError(
+            f"HER2ST {section}: {len(missing)} spots with counts have no coordinates, e.g. {list(missing[:5])}."
+        )
     spots = spots.loc[counts.index]
     coords = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * scale
     # pixel size from a least-squares fit of pixel position against array position (200 µm per array step)

@@ -3,6 +3,7 @@
 from ._base import Predictor
 from ._baselines import KNNBaseline, MLPBaseline, RidgeBaseline, fit_baseline
 from ._evaluate import Evaluation, compare, evaluate, library_size_yardstick, normalized_expression
+from ._fit import fit
 from ._metrics import (
     interval_coverage,
     pcc_at_k,
@@ -12,7 +13,6 @@ from ._metrics import (
     summary_metrics,
     variance_ratio,
 )
-from ._fit import fit
 from ._model import StemstModel
 from ._predict import predict, predict_image
 

@@ -46,7 +46,9 @@ class Predictor:
         """Panel size."""
         return len(self.genes)
 
-    def sample(self, X: np.ndarray, *, n_samples: int = 1, rng: Any = None, progress: bool = True, **kwargs: Any) -> np.ndarray:
+    def sample(
+        self, X: np.ndarray, *, n_samples: int = 1, rng: Any = None, progress: bool = True, **kwargs: Any
+    ) -> np.ndarray:
         """Draw ``n_samples`` predictions per spot.
 
         Parameters
@@ -67,7 +69,7 @@ class Predictor:
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
-        """Settings worth recording with a prediction."""
+        """Return the settings worth recording with a prediction."""
         return {"method": self.method, "embedding_key": self.embedding_key, "transform": self.transform}
 
     def check_table(self, adata: ad.AnnData) -> None:
@@ -91,4 +93,6 @@ class Predictor:
             raise StemstDataError(f"obsm[{self.embedding_key!r}] is {width}-d; the model expects {expected}-d.")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(method={self.method!r}, genes={self.n_genes}, embedding_key={self.embedding_key!r})"
+        return (
+            f"{type(self).__name__}(method={self.method!r}, genes={self.n_genes}, embedding_key={self.embedding_key!r})"
+        )

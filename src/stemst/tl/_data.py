@@ -54,7 +54,9 @@ def get_embeddings(adata: ad.AnnData, embedding_key: str, *, views: bool = False
     key = f"{embedding_key}_views" if views else embedding_key
     if key not in adata.obsm:
         known = [k for k in adata.obsm if k.startswith("X_")]
-        hint = "Run stemst.pp.embed_patches(..., augment=True) first." if views else "Run stemst.pp.embed_patches first."
+        hint = (
+            "Run stemst.pp.embed_patches(..., augment=True) first." if views else "Run stemst.pp.embed_patches first."
+        )
         raise KeyError(f"No embedding obsm[{key!r}]; embeddings present: {known}. {hint}")
     x = np.asarray(adata.obsm[key], dtype=np.float32)
     if not np.isfinite(x).all():
@@ -77,14 +79,14 @@ def library_size(adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
     return np.asarray(m.sum(axis=1)).ravel().astype(np.float64)
 
 
-def get_targets(
-    adata: ad.AnnData, genes: Sequence[str], transform: str, *, layer: str | None = None
-) -> np.ndarray:
+def get_targets(adata: ad.AnnData, genes: Sequence[str], transform: str, *, layer: str | None = None) -> np.ndarray:
     """Targets on the model scale: ``transform`` applied to the raw counts of ``genes``."""
     from stemst.pp import transform_counts
 
     counts = get_counts(adata, genes, layer=layer)
-    return np.asarray(transform_counts(counts, method=transform, library_size=library_size(adata, layer=layer)), np.float32)
+    return np.asarray(
+        transform_counts(counts, method=transform, library_size=library_size(adata, layer=layer)), np.float32
+    )
 
 
 @dataclass
