@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -193,6 +194,10 @@ def summarise(splits: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
     """Markdown tables for the docs."""
     cols = [c for c in METRICS + ["fit_s", "predict_s", "nfe_per_spot", "peak_rss_mb"] if c in df.columns]
+    df = df.copy()
+    df["nfe_per_spot"] = df["nfe_per_spot"].astype(int).astype(str)
+    mean = mean.copy()
+    mean["nfe_per_spot"] = mean["nfe_per_spot"].astype(int).astype(str)
     lines = [
         "## HER2ST: stemst against baselines",
         "",
@@ -201,9 +206,13 @@ def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
         f"{result['n_genes']}-gene HMHVG panel chosen on the training sections of each split; embeddings "
         f"`{result['encoder']}` (8 flips/rotations). `_norm` metrics use library-normalised values; the library-size "
         "row reads each test spot's measured depth, so it is a yardstick, not a method. Coverage: fraction of "
-        "measured values inside the central 50% / 90% sample interval (deterministic methods: no interval).",
+        "measured values inside the central 50% / 90% sample interval (deterministic methods: no interval). "
+        "`nfe_per_spot`: network evaluations per spot (stemst: 20 samples x 25 DPM-Solver++ steps); `peak_rss_mb`: "
+        "peak memory of the whole benchmark process up to that point (embeddings of 1256 spots x 8 views included). "
+        "stemst was trained for the number of steps in the command (the package default is 2000).",
         "",
-        "### Leave-one-section-out over C2-C6, mean of the 5 splits",
+        f"### Leave-one-section-out over C2-C6, mean of {len([x for x in result['splits'] if x['test'] in C_SECTIONS])} "
+        "split(s)" + ("" if result["complete"] else " (partial run: the remaining splits did not finish)"),
         "",
         markdown_table(mean[[c for c in cols if c in mean.columns]]),
         "",
@@ -217,6 +226,7 @@ def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
         c = pd.DataFrame([{"test": t, **r} for t, r in curves])
         agg = c.groupby(["sampler", "steps"], sort=False)[["mean_pearson", "rvd", "spots_per_s"]].mean()
         agg = agg.reset_index().set_index("sampler")
+        agg["steps"] = agg["steps"].astype(int).astype(str)
         lines += [
             "### Sampling curve (one trained model, split C2-C5 -> C6)",
             "",
@@ -229,6 +239,32 @@ def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
     DOCS.write_text("\n".join(lines))
 
 
+def write_results(args, splits: list[dict], sdata, key: str, t_start: float) -> pd.DataFrame:
+    """Write the JSON and the docs table for the splits done so far (called after every split)."""
+    command = "python benchmarks/her2st.py"
+    for flag, default in (("tests", [*C_SECTIONS, "A1"]), ("steps", None), ("genes", 100)):
+        value = getattr(args, flag)
+        if value != default:
+            command += f" --{flag} " + (" ".join(value) if isinstance(value, list) else str(value))
+    result = {
+        "command": command,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
+        "date": time.strftime("%Y-%m-%d"),
+        "encoder": args.encoder,
+        "n_genes": args.genes,
+        "total_seconds": time.perf_counter() - t_start,
+        "embedding": sdata.tables["table"].uns["stemst"]["embeddings"][key],
+        "splits": splits,
+        "complete": len(splits) == len(args.tests),
+    }
+    df, mean = summarise(splits)
+    result["loso_mean"] = {m: {k: _num(v) for k, v in row.items()} for m, row in mean.iterrows()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "her2st.json").write_text(json.dumps(result, indent=1, default=_jsonable))
+    write_docs(result, df, mean)
+    return mean
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="efficientnet_lite0")
@@ -237,7 +273,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps for stemst (default: package default)")
     parser.add_argument("--no-curve", action="store_true", help="skip the sampling curve")
     parser.add_argument("--curve-on", default="C6", help="test section of the split that gets the sampling curve")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the docs tables from the JSON")
     args = parser.parse_args()
+    if args.table_only:
+        result = json.loads((RESULTS / "her2st.json").read_text())
+        write_docs(result, *summarise(result["splits"]))
+        return
     t_start = time.perf_counter()
     sdata = stemst.datasets.her2st([*C_SECTIONS, "A1"])
     key = embed(sdata, args.encoder, RESULTS / "cache" / f"her2st_{args.encoder}.npz")
@@ -264,24 +305,9 @@ def main() -> None:
                 f"rvd={row.get('rvd', float('nan')):.3f} mse={row.get('mse', float('nan')):.3f}",
                 flush=True,
             )
-    result = {
-        "command": "python benchmarks/her2st.py"
-        + ("" if args.tests == [*C_SECTIONS, "A1"] else " --tests " + " ".join(args.tests)),
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
-        "date": time.strftime("%Y-%m-%d"),
-        "encoder": args.encoder,
-        "n_genes": args.genes,
-        "total_seconds": time.perf_counter() - t_start,
-        "embedding": sdata.tables["table"].uns["stemst"]["embeddings"][key],
-        "splits": splits,
-    }
-    df, mean = summarise(splits)
-    result["loso_mean"] = {m: {k: _num(v) for k, v in row.items()} for m, row in mean.iterrows()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "her2st.json").write_text(json.dumps(result, indent=1, default=_jsonable))
-    write_docs(result, df, mean)
+        mean = write_results(args, splits, sdata, key, t_start)
     print(markdown_table(mean[[c for c in METRICS if c in mean.columns]]))
-    print(f"wrote {RESULTS / 'her2st.json'} and {DOCS} in {result['total_seconds'] / 60:.1f} min")
+    print(f"wrote {RESULTS / 'her2st.json'} and {DOCS} in {(time.perf_counter() - t_start) / 60:.1f} min")
 
 
 if __name__ == "__main__":
