@@ -131,5 +131,10 @@ if "--execute" in sys.argv:
     from nbclient import NotebookClient
 
     NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    for cell in nb.cells:  # progress bars are noise in a rendered page
+        if cell.cell_type == "code":
+            cell.outputs = [
+                o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr" and "%|" in o.text)
+            ]
 nbf.write(nb, out)
 print(f"wrote {out}")
