@@ -61,6 +61,16 @@ def views_key(encoder: str) -> str:
     return f"X_{encoder}_views"
 
 
+def context_key(embedding_key: str) -> str:
+    """``obsm`` key of the spatial-context features (own + neighbour rings) of ``embedding_key``."""
+    return f"{embedding_key}_context"
+
+
+def ring_key(embedding_key: str, ring: int) -> str:
+    """``obsm`` key of the mean embedding of each spot's ring-``ring`` neighbours."""
+    return f"{embedding_key}_ring{ring}"
+
+
 @dataclass(frozen=True)
 class SectionInfo:
     """Metadata of one section.
