@@ -25,8 +25,8 @@ import pandas as pd
 import stemst
 from stemst._schema import embedding_key, views_key
 from stemst._utils import markdown_table
-from stemst.tl._diffusion import n_evaluations
-from stemst.tl._metrics import pearson_per_gene, relative_variance_distance
+from stemst.metrics import pearson_per_gene, relative_variance_distance
+from stemst.model.samplers import step_grid
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -87,7 +87,7 @@ def run_split(sdata, train: list[str], test: str, *, key: str, n_genes: int, fit
         steps=SAMPLER_STEPS,
     )
     t_pred = time.perf_counter() - t0
-    nfe = N_SAMPLES * n_evaluations(SAMPLER, SAMPLER_STEPS, model.schedule.n_steps)
+    nfe = N_SAMPLES * len(step_grid(SAMPLER, model.module.diffusion.n_steps, SAMPLER_STEPS))
     timings["stemst"] = {"fit_s": t_fit, "predict_s": t_pred, "nfe_per_spot": nfe, "peak_rss_mb": peak_rss_mb()}
 
     baselines = {

@@ -8,6 +8,7 @@ Synthetic inputs of the real shapes (200 genes, 1280-d EfficientNet-Lite0 embedd
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -17,87 +18,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stemst.tl import _diffusion as D
-from stemst.tl._model import StemstModel, autocast, resolve_device
-from stemst.tl._nets import DEFAULTS, n_parameters
+from stemst._torch import resolve_device, torch_generator
+from stemst.model import DiffusionModel, NetworkConfig, TrainingConfig, train_step
+from stemst.model.networks import n_parameters
+from stemst.tl import StemstModel
 
 DOCS = Path(__file__).parents[1] / "docs" / "benchmarks_train.md"
 
 CONFIGS = {
-    "mlp_small (CPU default)": {"architecture": "mlp", "net": {**DEFAULTS["mlp"]}},
-    "transformer_small": {
-        "architecture": "transformer",
-        "net": {"depth": 2, "width": 64, "heads": 4, "mlp_ratio": 4.0},
-    },
-    "transformer_stem (paper: depth 12, width 384)": {
-        "architecture": "transformer",
-        "net": {**DEFAULTS["transformer"]},
-    },
+    "mlp_small (CPU default)": NetworkConfig("mlp"),
+    "transformer_small": NetworkConfig("transformer", depth=2, width=64, heads=4, mlp_ratio=4.0),
+    "transformer_stem (paper: depth 12, width 384)": NetworkConfig("transformer"),
 }
 
 
-def make_model(cfg: dict, genes: int, dim: int, device: torch.device) -> StemstModel:
-    config = {
-        "genes": [f"g{i}" for i in range(genes)],
-        "embedding_key": "X_bench",
-        "transform": "log2p1",
-        "architecture": cfg["architecture"],
-        "net": {**cfg["net"], "learn_variance": True},
-        "cond_dim": dim,
-        "diffusion": {
-            "n_steps": 1000,
-            "beta_start": 1e-4,
-            "beta_end": 0.02,
-            "parameterization": "v",
-            "vlb_weight": 1e-3,
-        },
-        "clip_margin": 0.1,
-    }
-    stats = {
-        "emb_mean": torch.zeros(dim),
-        "emb_std": torch.ones(dim),
-        "y_mean": torch.zeros(genes),
-        "y_std": torch.ones(genes),
-        "y_min": -3 * torch.ones(genes),
-        "y_max": 3 * torch.ones(genes),
-    }
-    return StemstModel.build(config, stats).to(device)
+def make_model(network: NetworkConfig, genes: int, dim: int, device: torch.device) -> StemstModel:
+    """The package's model with its default diffusion settings, statistics from synthetic data."""
+    module = DiffusionModel(genes, dim, network)
+    module.set_statistics(torch.randn(1024, dim), torch.rand(1024, genes) * 6)
+    return StemstModel(module, genes=[f"g{i}" for i in range(genes)], embedding_key="X_bench").to(device)
 
 
 def time_training(model: StemstModel, steps: int, batch: int, device: torch.device) -> float:
-    net = model.net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    sched = D.make_schedule(1000).to(device)
-    sched = D.Schedule(*(getattr(sched, f).float() for f in sched.__dataclass_fields__))
-    g, d = model.n_genes, model.embedding_dim
-    y, c = torch.randn(batch, g, device=device), torch.randn(batch, d, device=device)
+    """Steps per second of :func:`stemst.model.train_step`, the step :func:`stemst.tl.fit` runs."""
+    module = model.module.train()
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+    config = TrainingConfig(steps=steps, batch_size=batch)
+    opt = torch.optim.AdamW(module.parameters(), lr=config.lr)
+    gen = torch_generator(0, device)
+    cond = torch.randn(8 * batch, model.embedding_dim, device=device)
+    y = torch.rand(8 * batch, model.n_genes, device=device) * 6
 
-    def step() -> None:
-        t = torch.randint(1000, (batch,), device=device)
-        noise = torch.randn_like(y)
-        xt = D.q_sample(sched, y, t, noise)
-        with autocast(device):
-            raw, v = net(xt, t, c)
-        loss, _ = D.hybrid_loss(sched, raw.float(), v, y, xt, t, noise, parameterization="v")
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        opt.step()
+    def step(i: int) -> None:
+        train_step(module, opt, ema, cond, y, step=i, config=config, generator=gen)
 
     if steps > 1:
-        step()  # warm-up
+        step(0)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for i in range(steps):
+        step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    module.eval()
     return steps / (time.perf_counter() - t0)
 
 
 def time_sampling(model: StemstModel, n_spots: int, n_samples: int, steps: int) -> float:
     X = np.random.default_rng(0).normal(size=(n_spots, model.embedding_dim)).astype(np.float32)
-    model.net.eval()
     model.sample(X[:2], n_samples=1, steps=2, rng=0, progress=False)
     t0 = time.perf_counter()
     model.sample(X, n_samples=n_samples, steps=steps, rng=0, progress=False)
@@ -117,16 +86,15 @@ def main() -> None:
     dev = resolve_device(args.device)
     genes, dim, batch = 200, 1280, 256
     rows = []
-    for name, cfg in CONFIGS.items():
-        model = make_model(cfg, genes, dim, dev)
+    for name, network in CONFIGS.items():
+        model = make_model(network, genes, dim, dev)
         big = "stem" in name and dev.type == "cpu"
         n_train = 1 if big else (10 if args.quick else 50)
         n_spots = 1 if big else (50 if args.quick else 200)
         row = {
             "config": name,
-            "architecture": cfg["architecture"],
-            **cfg["net"],
-            "parameters": n_parameters(model.net),
+            **{k: getattr(network, k) for k in ("architecture", "depth", "width", "heads", "mlp_ratio")},
+            "parameters": n_parameters(model.module.net),
             "genes": genes,
             "embedding_dim": dim,
             "batch_size": batch,

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from stemst.tl import (
+from stemst.metrics import (
+    gene_metrics,
     interval_coverage,
+    mae_per_gene,
+    mse_per_gene,
     pcc_at_k,
     pearson_per_gene,
     relative_variance_distance,
@@ -13,7 +16,6 @@ from stemst.tl import (
     summary_metrics,
     variance_ratio,
 )
-from stemst.tl._metrics import gene_metrics, mae_per_gene, mse_per_gene
 
 
 def col(*values):

@@ -1,4 +1,4 @@
-"""Diffusion maths against closed forms, and the samplers against an exact denoiser for Gaussian data."""
+"""The engine's diffusion maths against closed forms, and the samplers against an exact denoiser for Gaussian data."""
 
 import math
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stemst.tl import _diffusion as D
+from stemst.model import losses as L
+from stemst.model import samplers as S
+from stemst.model import schedule as D
 
 MU, SD = 1.5, 0.6  # target N(MU, SD^2)
 
@@ -59,8 +61,8 @@ def test_parameterizations_roundtrip(sched):
     )
     t = torch.randint(0, 1000, (64,), generator=g)
     xt = D.q_sample(sched, x0, t, noise)
-    for p in D.PARAMETERIZATIONS:
-        x0_hat, eps_hat = D.denoised(sched, D.training_target(sched, x0, noise, t, p), xt, t, p)
+    for p in L.PARAMETERIZATIONS:
+        x0_hat, eps_hat = L.denoised(sched, L.training_target(sched, x0, noise, t, p), xt, t, p)
         torch.testing.assert_close(x0_hat, x0, rtol=1e-6, atol=1e-6 if p != "eps" else 1e-3)
         torch.testing.assert_close(eps_hat, noise, rtol=1e-6, atol=1e-3 if p == "x0" else 1e-6)
 
@@ -70,8 +72,8 @@ def test_vlb_is_zero_for_exact_posterior(sched):
     t = torch.arange(1, 9) * 100
     xt = D.q_sample(sched, x0, t, torch.randn(8, 3, dtype=torch.float64))
     v = -torch.ones_like(x0)  # beta_tilde: the true posterior variance
-    assert D.vlb_term(sched, x0, xt, t, x0, v).abs().max() < 1e-9
-    assert (D.vlb_term(sched, x0, xt, t, x0 + 0.1, v) > 0).all()
+    assert L.vlb_term(sched, x0, xt, t, x0, v).abs().max() < 1e-9
+    assert (L.vlb_term(sched, x0, xt, t, x0 + 0.1, v) > 0).all()
 
 
 def _exact_gaussian_model(sched):
@@ -109,19 +111,32 @@ def test_samplers_reproduce_gaussian(sched, sampler, steps, tol_mean, tol_sd):
     g = torch.Generator().manual_seed(0)
     n = 20_000 if sampler != "ancestral" else 5_000
     x = torch.randn(n, 1, generator=g, dtype=torch.float64)
-    out = D.run_sampler(sampler, _exact_gaussian_model(sched), sched, x, steps=steps, generator=g)
+    ts = S.step_grid(sampler, sched.n_steps, steps)
+    out = S.REGISTRY[sampler](_exact_gaussian_model(sched), x, sched, ts, generator=g)
     assert abs(out.mean().item() - MU) < tol_mean + 3 * SD / math.sqrt(n)
     assert abs(out.std().item() - SD) < tol_sd * SD + 3 * SD / math.sqrt(2 * n)
 
 
 def test_sampling_timesteps():
-    assert D.sampling_timesteps(1000, 1) == [999]
-    ts = D.sampling_timesteps(1000, 25)
+    assert S.timesteps(1000, 1) == [999]
+    ts = S.timesteps(1000, 25)
     assert len(ts) == 25 and ts[0] == 999 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
-    assert D.sampling_timesteps(1000, 4, "uniform") == [999, 666, 333, 0]
-    assert D.sampling_timesteps(1000, 3) == [999, 250, 0]
-    assert D.n_evaluations("ancestral", 25) == 1000
+    assert S.timesteps(1000, 4, "uniform") == [999, 666, 333, 0]
+    assert S.timesteps(1000, 3) == [999, 250, 0]
+    assert len(S.step_grid("ancestral", 1000, 25)) == 1000
     with pytest.raises(ValueError, match="known"):
-        D.n_evaluations("euler", 10)
+        S.step_grid("euler", 1000, 10)
     with pytest.raises(ValueError, match="steps"):
-        D.sampling_timesteps(1000, 0)
+        S.timesteps(1000, 0)
+    with pytest.raises(ValueError, match="consecutive"):
+        S.sample_ancestral(lambda x, t: (x, x, None), torch.zeros(1, 1), D.make_schedule(10), [9, 5, 0])
+
+
+def test_sampler_callback_gets_state_per_step(sched):
+    states = []
+    x = torch.randn(4, 1, dtype=torch.float64)
+    ts = S.step_grid("dpmpp_2m", sched.n_steps, 6)
+    out = S.REGISTRY["dpmpp_2m"](_exact_gaussian_model(sched), x, sched, ts, callback=states.append)
+    assert [s["i"] for s in states] == list(range(len(ts))) and [s["t"] for s in states] == ts
+    assert set(states[0]) == {"x", "i", "t", "denoised"}
+    torch.testing.assert_close(states[-1]["x"], out)

@@ -1,5 +1,11 @@
 """tl.fit / StemstModel / tl.predict / tl.predict_image on real HER2ST sections with the cheap colour-statistics encoder."""
 
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,7 +105,7 @@ def test_resume_equals_uninterrupted(embedded, tmp_path):
     fit(embedded, checkpoint_dir=tmp_path, checkpoint_every=10, callback=lambda step, m: step >= 15, **kw)
     resumed = fit(embedded, checkpoint_dir=tmp_path, resume=True, **kw)
     assert resumed.steps_trained == 30
-    for (k, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
+    for (k, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
     assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history], abs=1e-6)
     X = embedded.tables["table"].obsm[KEY][:20]
@@ -206,12 +212,64 @@ def test_predict_image_grid(her2st_small, model):
     d_grid = np.sqrt(((pred.obsm["spatial"][:, None] - real[None]) ** 2).sum(-1))
     assert (d_grid.min(1) < step).mean() > 0.8
     assert (d_grid.min(0) < step).mean() > 0.9
+    blind = copy.copy(model)
+    blind.encoder = {}
     with pytest.raises(StemstDataError, match="encoder"):
-        stemst.tl.predict_image(
-            StemstModel(net=model.net, config={**model.config, "encoder": {}}, stats=model.stats), sdata, "C6"
-        )
+        stemst.tl.predict_image(blind, sdata, "C6")
 
 
 def test_data_frame_of_history_is_plottable(model):
     df = pd.DataFrame(model.history)
     assert df["step"].is_monotonic_increasing and (df["lr"] > 0).all()
+
+
+def test_fit_checks_settings_before_reading_data():
+    """Bad settings fail with a clear message even when the data would fail too (no embedding here)."""
+    empty = ad.AnnData(np.zeros((3, 2), np.float32))
+    for kwargs, match in [
+        ({"architecture": "cnn"}, "architecture"),
+        ({"parameterization": "score"}, "parameterization"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"architecture": "transformer", "width": 30, "heads": 4}, "divisible"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fit(empty, embedding_key="X_missing", progress=False, **kwargs)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def json_of(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def test_load_model_saved_by_0_1_0(tmp_path):
+    """A model written by stemst 0.1.0 (format 1: ``net.*``/``stats.*`` tensors, flat config) loads and samples the
+    same values as it did then; saving it again writes format 2, which loads to the same model."""
+    old = StemstModel.load(DATA / "model_v1", device="cpu")
+    expected = np.load(DATA / "model_v1" / "expected.npz")
+    np.testing.assert_array_equal(
+        old.sample(expected["X"], n_samples=3, steps=10, rng=0, progress=False), expected["dpmpp_2m"]
+    )
+    anc = old.sample(expected["X"], n_samples=2, sampler="ancestral", rng=1, progress=False)
+    np.testing.assert_array_equal(anc, expected["ancestral"])
+    assert old.genes == [f"g{i}" for i in range(6)] and old.encoder == {"encoder": "color_stats"}
+    assert old.steps_trained == 3 and old.module.network.depth == 1 and old.module.diffusion.parameterization == "v"
+    again = StemstModel.load(old.save(tmp_path / "m"), device="cpu")
+    assert json_of(tmp_path / "m")["format_version"] == 2
+    assert again.config == old.config and again.history == old.history
+    np.testing.assert_array_equal(
+        again.sample(expected["X"], n_samples=3, steps=10, rng=0, progress=False), expected["dpmpp_2m"]
+    )
+    weights = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in weights.values()) and "y_mean" in weights
+
+
+def test_load_unknown_format_names_the_writer(tmp_path):
+    shutil.copytree(DATA / "model_v1", tmp_path / "m")
+    meta = json_of(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**meta, "format_version": 7, "stemst_version": "9.1.0"}))
+    with pytest.raises(ValueError, match=r"format 7, written by stemst 9\.1\.0"):
+        StemstModel.load(tmp_path / "m")

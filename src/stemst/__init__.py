@@ -2,8 +2,8 @@
 
 from importlib.metadata import version
 
-from . import datasets, io, pl, pp, tl
+from . import datasets, io, metrics, pl, pp, tl
 from ._schema import StemstDataError
 
 __version__ = version("stemst")
-__all__ = ["datasets", "io", "pl", "pp", "tl", "StemstDataError"]
+__all__ = ["datasets", "io", "metrics", "pl", "pp", "tl", "StemstDataError"]

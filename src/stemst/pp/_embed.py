@@ -29,6 +29,7 @@ from stemst._schema import (
 from stemst._schema import (
     sections as _sections,
 )
+from stemst._torch import resolve_device
 
 from ._encoders import Encoder, dihedral_views, normalise, resolve_encoders
 
@@ -53,13 +54,6 @@ class PatchPlan:
     patch_px: int  # side at ``level``
     scale: tuple[float, float]  # level-0 pixels per level pixel, (y, x)
     shape: tuple[int, int]  # (height, width) of the level
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; anything else is passed to :class:`torch.device`."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _levels(sdata: Any, section: str) -> list[Any]:

@@ -1,18 +1,9 @@
-"""Tools: train the diffusion model, predict, evaluate, and baselines."""
+"""Tools: train the diffusion model, predict, evaluate, and baselines (metrics: :mod:`stemst.metrics`)."""
 
 from ._base import Predictor
 from ._baselines import KNNBaseline, MLPBaseline, RidgeBaseline, fit_baseline
 from ._evaluate import Evaluation, compare, evaluate, library_size_yardstick, normalized_expression
 from ._fit import fit
-from ._metrics import (
-    interval_coverage,
-    pcc_at_k,
-    pearson_per_gene,
-    relative_variance_distance,
-    spearman_per_gene,
-    summary_metrics,
-    variance_ratio,
-)
 from ._model import StemstModel
 from ._predict import predict, predict_image
 
@@ -31,11 +22,4 @@ __all__ = [
     "RidgeBaseline",
     "KNNBaseline",
     "MLPBaseline",
-    "pearson_per_gene",
-    "spearman_per_gene",
-    "variance_ratio",
-    "pcc_at_k",
-    "relative_variance_distance",
-    "interval_coverage",
-    "summary_metrics",
 ]

@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 
 from stemst._schema import UNS_KEY, StemstDataError
+from stemst._utils import RNGLike
 
 
 class Predictor:
@@ -47,7 +48,7 @@ class Predictor:
         return len(self.genes)
 
     def sample(
-        self, X: np.ndarray, *, n_samples: int = 1, rng: Any = None, progress: bool = True, **kwargs: Any
+        self, X: np.ndarray, *, n_samples: int = 1, rng: RNGLike = None, progress: bool = True, **kwargs: Any
     ) -> np.ndarray:
         """Draw ``n_samples`` predictions per spot.
 

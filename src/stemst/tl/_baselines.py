@@ -13,19 +13,16 @@ import numpy as np
 
 from stemst._logging import logger
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError
+from stemst._utils import RNGLike, as_generator
+from stemst.metrics import pearson_per_gene
 from stemst.tl._base import Predictor
 from stemst.tl._data import as_tables, training_set
-from stemst.tl._metrics import pearson_per_gene
 
 #: PCA dimension of the HEST-Benchmark ridge probe
 HEST_PCA_DIM = 256
 #: ``alpha="cv"`` grid, relative to the largest eigenvalue of the training design (Z^T Z)
 CV_ALPHA_GRID = tuple(np.logspace(-6, 1, 15))
 BASELINES = ("ridge", "knn", "mlp")
-
-
-def _as_generator(rng: Any) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
 class _Standardizer:
@@ -54,7 +51,7 @@ class _Baseline(Predictor):
         raise NotImplementedError
 
     def sample(
-        self, X: np.ndarray, *, n_samples: int = 1, rng: Any = None, progress: bool = True, **kwargs: Any
+        self, X: np.ndarray, *, n_samples: int = 1, rng: RNGLike = None, progress: bool = True, **kwargs: Any
     ) -> np.ndarray:
         """Return the deterministic prediction repeated ``n_samples`` times, ``(n_samples, n, n_genes)`` float32."""
         y = self.predict_mean(np.asarray(X, np.float32)).astype(np.float32)
@@ -366,7 +363,7 @@ def _fit_mlp(
     weight_decay: float = 1e-2,
     val_section: str | None = None,
     eval_every: int = 20,
-    rng: Any = 0,
+    rng: RNGLike = 0,
     progress: bool = True,
     **base: Any,
 ) -> MLPBaseline:
@@ -377,7 +374,7 @@ def _fit_mlp(
     """
     import torch
 
-    gen = _as_generator(rng)
+    gen = as_generator(rng)
     seed = int(gen.integers(2**31 - 1))
     val = np.zeros(len(X), dtype=bool) if val_section is None else groups == val_section
     if val_section is not None and (not val.any() or val.all()):
@@ -439,7 +436,7 @@ def fit_baseline(
     augment: bool = False,
     table_key: str = TABLE_KEY,
     layer: str | None = None,
-    rng: Any = 0,
+    rng: RNGLike = 0,
     progress: bool = True,
     **method_kwargs: Any,
 ) -> Predictor:

@@ -178,3 +178,31 @@ def training_set(
         obs_names=pd.Index(np.concatenate(names)),
         sections=np.concatenate(secs),
     )
+
+
+def training_pairs(
+    tables: list[ad.AnnData],
+    *,
+    embedding_key: str,
+    genes: str | Iterable[str] | None = None,
+    transform: str = "log2p1",
+    sections: str | Iterable[str] | None = None,
+    augment: bool = True,
+) -> tuple[TrainingSet, np.ndarray]:
+    """Collect the training set and its ``(n * v, d)`` conditions: ``v`` views of each spot in a row (1 without).
+
+    With ``augment``, the embeddings of the 8 flips/rotations ``obsm[f"{embedding_key}_views"]`` are the
+    conditions (falling back to the originals, with a warning, when a table lacks them); ``TrainingSet.views`` is
+    ``None`` when they are not used.
+    """
+    views = bool(augment) and all(f"{embedding_key}_views" in t.obsm for t in tables)
+    if augment and not views:
+        logger.warning(
+            "augment=True but obsm[%r] is missing; training on the original patches only. Run "
+            "stemst.pp.embed_patches(..., augment=True) for the 8 flips/rotations.",
+            f"{embedding_key}_views",
+        )
+    ts = training_set(
+        tables, embedding_key=embedding_key, genes=genes, transform=transform, sections=sections, views=views
+    )
+    return ts, (ts.views.reshape(-1, ts.views.shape[-1]) if views else ts.X)

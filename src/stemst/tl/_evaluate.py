@@ -12,9 +12,10 @@ import pandas as pd
 
 from stemst._logging import logger
 from stemst._schema import PREDICTION_KEY, SECTION_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
+from stemst._utils import RNGLike
+from stemst.metrics import COVERAGE_LEVELS, PCC_KS, gene_metrics, summary_metrics
 from stemst.tl._base import Predictor
 from stemst.tl._data import get_counts, get_targets, library_size, resolve_genes
-from stemst.tl._metrics import COVERAGE_LEVELS, PCC_KS, gene_metrics, summary_metrics
 
 #: ``uns`` key of the evaluation results in the prediction table (default ``key_added``)
 EVALUATION_KEY = "stemst_evaluation"
@@ -38,7 +39,7 @@ class Evaluation:
         scale, and the same with the suffix ``_norm`` on library-normalised values (see
         :func:`normalized_expression`; no coverage there).
     summary
-        Flat dict: the keys of :func:`stemst.tl.summary_metrics` on the model's scale, the same with the suffix
+        Flat dict: the keys of :func:`stemst.metrics.summary_metrics` on the model's scale, the same with the suffix
         ``_norm``, and ``method``, ``transform``, ``pred_key``.
     """
 
@@ -126,7 +127,7 @@ def evaluate(
         Also compute every metric on library-normalised values (:func:`normalized_expression`), which removes spot
         depth from both sides.
     ks
-        PCC-k values (``NaN`` when fewer genes have a defined correlation, see :func:`stemst.tl.pcc_at_k`).
+        PCC-k values (``NaN`` when fewer genes have a defined correlation, see :func:`stemst.metrics.pcc_at_k`).
     levels
         Central sample-interval levels for the calibration (needs ``obsm['samples']`` with >= 2 samples).
     key_added
@@ -249,7 +250,7 @@ class LibrarySizeYardstick(Predictor):
         self.coef = np.asarray(coef, dtype=np.float64)  #: (2, n_genes): intercept and slope
 
     def sample(
-        self, X: np.ndarray, *, n_samples: int = 1, rng: Any = None, progress: bool = True, **kwargs: Any
+        self, X: np.ndarray, *, n_samples: int = 1, rng: RNGLike = None, progress: bool = True, **kwargs: Any
     ) -> np.ndarray:
         """Return the fitted line at each spot's log total, repeated ``n_samples`` times."""
         y = self.coef[0] + np.asarray(X, dtype=np.float64)[:, :1] * self.coef[1]

@@ -22,6 +22,7 @@ from stemst._schema import (
     get_table,
     section_mask,
 )
+from stemst._utils import RNGLike
 from stemst.tl._base import Predictor
 from stemst.tl._data import get_embeddings
 
@@ -42,7 +43,7 @@ def predict(
     n_samples: int = 20,
     key_added: str | None = None,
     keep_samples: bool = True,
-    rng: Any = 0,
+    rng: RNGLike = 0,
     progress: bool = True,
     **sample_kwargs: Any,
 ) -> str | ad.AnnData:
@@ -146,67 +147,6 @@ def predict(
     return key
 
 
-def tissue_mask(image: np.ndarray, *, min_saturation: float | None = None, max_brightness: float = 0.92) -> np.ndarray:
-    """Boolean tissue mask of an RGB ``(c, y, x)`` uint8 image: saturated, not-white pixels.
-
-    Saturation is ``(max - min) / max`` over the channels; its threshold is Otsu's on the image unless given. Glass
-    is bright and grey, H&E-stained tissue is coloured.
-    """
-    rgb = np.asarray(image, dtype=np.float32) / 255.0
-    mx, mn = rgb.max(0), rgb.min(0)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    if min_saturation is None:
-        min_saturation = _otsu(sat)
-    return (sat > min_saturation) & (rgb.mean(0) < max_brightness)
-
-
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
-    p = hist / max(hist.sum(), 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(p)
-    m0 = np.cumsum(p * centres)
-    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
-    return float(centres[int(np.argmax(between))])
-
-
-def grid_spots(
-    sdata: Any,
-    section: str,
-    *,
-    spacing_um: float,
-    table_key: str = TABLE_KEY,
-    microns_per_pixel: float | None = None,
-    min_tissue: float = 0.25,
-) -> tuple[np.ndarray, float]:
-    """Centres ``(x, y)`` (full-resolution pixels) of a square grid of pseudo-spots over the tissue of ``section``.
-
-    A grid point is kept when at least ``min_tissue`` of the pixels of its cell (at the coarsest pyramid level) are
-    tissue (:func:`tissue_mask`). Returns the centres and the pixel spacing.
-    """
-    from stemst._schema import get_image, section_info
-
-    if microns_per_pixel is None:
-        microns_per_pixel = section_info(get_table(sdata, table_key), section).microns_per_pixel
-    full = get_image(sdata, section, scale=0)
-    coarse = get_image(sdata, section, scale=99)  # clamps to the coarsest level
-    h0, w0 = full.shape[1:]
-    factor = h0 / coarse.shape[1]
-    mask = tissue_mask(np.asarray(coarse))
-    step = spacing_um / microns_per_pixel
-    if step < 1:
-        raise ValueError(f"spacing_um={spacing_um} is below one pixel ({microns_per_pixel:.3g} µm/px).")
-    xs, ys = np.arange(step / 2, w0, step), np.arange(step / 2, h0, step)
-    centres, half = [], max(0.5, step / factor / 2)
-    for y in ys:
-        for x in xs:
-            cy, cx = y / factor, x / factor
-            cell = mask[int(max(0, cy - half)) : int(cy + half) + 1, int(max(0, cx - half)) : int(cx + half) + 1]
-            if cell.size and cell.mean() >= min_tissue:
-                centres.append((x, y))
-    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), float(step)
-
-
 def predict_image(
     model: Predictor,
     sdata: Any,
@@ -218,13 +158,13 @@ def predict_image(
     min_tissue: float = 0.25,
     n_samples: int = 20,
     batch_size: int = 64,
-    rng: Any = 0,
+    rng: RNGLike = 0,
     progress: bool = True,
     **sample_kwargs: Any,
 ) -> str:
     """Predict expression over the tissue of a section that has an H&E image but no sequenced spots.
 
-    Lays a square grid of pseudo-spots over the tissue (:func:`grid_spots`), stores it as a circles element
+    Lays a square grid of pseudo-spots over the tissue (:func:`stemst.pp.grid_spots`), stores it as a circles element
     ``f"{section}_grid"`` with a table ``f"{section}_grid_table"`` (no counts), embeds the patches with the model's
     encoder and patch size (:func:`stemst.pp.embed_patches`) and runs :func:`predict` on them.
 
@@ -262,7 +202,7 @@ def predict_image(
     from spatialdata.transformations import Identity
 
     from stemst._schema import SECTION_KEY, section_info
-    from stemst.pp import embed_patches
+    from stemst.pp import embed_patches, grid_spots
 
     if not model.encoder.get("encoder"):
         raise StemstDataError(

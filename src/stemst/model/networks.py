@@ -55,6 +55,7 @@ class Conditioning(nn.Module):
         self.image = _mlp(cond_dim, width, width)
 
     def forward(self, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` steps and ``(B, D)`` embeddings -> ``(B, width)`` conditioning vectors."""
         return self.time(timestep_embedding(t, self.freq_dim)) + self.image(emb)
 
 
@@ -69,6 +70,7 @@ class AdaLNZero(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Return the ``n`` modulation vectors, each ``(B, width)``."""
         return self.proj(F.silu(c)).chunk(self.n, dim=-1)
 
 
@@ -92,12 +94,14 @@ class GeneAttentionBlock(nn.Module):
         self.ada = AdaLNZero(width, 6)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention across the tokens of ``x`` ``(B, N, width)``."""
         b, n, w = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, n, w))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, width)`` modulated by ``c`` ``(B, width)`` -> tokens."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
         x = x + _gate(gate1, self.attention(_modulate(self.norm1(x), shift1, scale1)))
         return x + _gate(gate2, self.mlp(_modulate(self.norm2(x), shift2, scale2)))
@@ -114,6 +118,7 @@ class ResidualBlock(nn.Module):
         self.ada = AdaLNZero(width, 3)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, width)`` modulated by ``c`` ``(B, width)`` -> features."""
         shift, scale, gate = self.ada(c)
         return x + _gate(gate, self.mlp(_modulate(self.norm(x), shift, scale)))
 
@@ -130,6 +135,7 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Features (any middle axes) modulated by ``c`` -> ``n_out`` outputs."""
         shift, scale = self.ada(c)
         return self.linear(_modulate(self.norm(x), shift, scale))
 
@@ -222,6 +228,7 @@ class ResidualMLP(nn.Module):
         return out[:, : self.n_genes], torch.tanh(out[:, self.n_genes :])
 
 
+#: the denoisers by name
 ARCHITECTURES: dict[str, type[nn.Module]] = {"transformer": GeneTransformer, "mlp": ResidualMLP}
 
 #: default sizes per architecture (the transformer's are the paper's)
@@ -231,14 +238,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_denoiser(architecture: str, n_genes: int, cond_dim: int, **kwargs: Any) -> nn.Module:
-    """Instantiate a denoiser by name, filling unset sizes from :data:`DEFAULTS`."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}.")
-    cfg = {**DEFAULTS[architecture], **{k: v for k, v in kwargs.items() if v is not None}}
-    return ARCHITECTURES[architecture](n_genes, cond_dim, **cfg)
-
-
 def n_parameters(module: nn.Module) -> int:
-    """Count the parameters."""
+    """Count the parameters.
+
+    Examples
+    --------
+    >>> n_parameters(nn.Linear(3, 2))
+    8
+    """
     return sum(p.numel() for p in module.parameters())

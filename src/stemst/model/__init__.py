@@ -1,0 +1,34 @@
+"""The diffusion engine: pure torch, no AnnData or SpatialData.
+
+One module per concept:
+
+- :mod:`~stemst.model.schedule`: the noise schedule, the forward process and its posterior;
+- :mod:`~stemst.model.losses`: parameterisations and improved DDPM's hybrid loss;
+- :mod:`~stemst.model.samplers`: ancestral, DDIM and DPM-Solver++(2M) over a step grid, and their registry;
+- :mod:`~stemst.model.networks`: the denoisers (gene-token transformer, residual MLP);
+- :mod:`~stemst.model.module`: :class:`DiffusionModel`, the network with its schedule and statistics;
+- :mod:`~stemst.model.training`: the training loop;
+- :mod:`~stemst.model.config`: the settings, grouped and validated.
+
+:mod:`stemst.tl` wraps it for data in SpatialData / AnnData (:func:`stemst.tl.fit`, :class:`stemst.tl.StemstModel`).
+"""
+
+from .config import DiffusionConfig, NetworkConfig, TrainingConfig
+from .module import DiffusionModel
+from .samplers import REGISTRY as SAMPLERS
+from .training import TrainingResult, TrainingState, ema_decay_at, ema_update, lr_at, train, train_step
+
+__all__ = [
+    "DiffusionModel",
+    "NetworkConfig",
+    "DiffusionConfig",
+    "TrainingConfig",
+    "train",
+    "train_step",
+    "TrainingState",
+    "TrainingResult",
+    "ema_update",
+    "ema_decay_at",
+    "lr_at",
+    "SAMPLERS",
+]

@@ -1,0 +1,254 @@
+"""The diffusion model as one :class:`torch.nn.Module`: denoiser, noise schedule and normalisation statistics.
+
+Expression ``y`` (on the target transform's scale) and the condition (an image embedding) never reach the network
+as they are: :meth:`DiffusionModel.to_network` / :meth:`~DiffusionModel.from_network` map ``y`` to and from the
+network's data space and :meth:`~DiffusionModel.condition` standardises the condition, and both :meth:`loss` and
+:meth:`sample` go through them; a model of the residual around a mean prediction changes only those.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from stemst._torch import autocast
+from stemst.model.config import DiffusionConfig, NetworkConfig
+from stemst.model.losses import denoised, hybrid_loss
+from stemst.model.samplers import Callback, Spacing, get_sampler, step_grid
+from stemst.model.schedule import Schedule, make_schedule, q_sample
+
+#: the normalisation statistics, stored with the weights
+STAT_KEYS = ("emb_mean", "emb_std", "y_mean", "y_std", "y_min", "y_max")
+
+
+class DiffusionModel(nn.Module):
+    """A conditional diffusion model of ``n_genes`` values given a ``cond_dim``-d condition.
+
+    Buffers: the schedule (float64, rebuilt from ``diffusion``, not saved) and the statistics ``emb_mean``,
+    ``emb_std`` (condition standardisation), ``y_mean``, ``y_std`` (target scaling) and ``y_min``, ``y_max``
+    (training range, for clipping the data prediction while sampling), saved in :meth:`state_dict`. Set the
+    statistics from training data with :meth:`set_statistics`.
+
+    Parameters
+    ----------
+    n_genes
+        Values per sample.
+    cond_dim
+        Width of the condition.
+    network
+        The denoiser (:class:`~stemst.model.NetworkConfig`).
+    diffusion
+        Schedule, parameterisation, loss and data space (:class:`~stemst.model.DiffusionConfig`).
+
+    Examples
+    --------
+    >>> m = DiffusionModel(5, 3, NetworkConfig(width=16, depth=1))
+    >>> m.set_statistics(torch.randn(40, 3), torch.rand(40, 5))
+    >>> loss, mse = m.loss(torch.rand(8, 5), torch.randn(8, 3))
+    >>> m.sample(torch.randn(2, 3), n_samples=4, steps=5).shape
+    torch.Size([4, 2, 5])
+    """
+
+    emb_mean: torch.Tensor
+    emb_std: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+    y_min: torch.Tensor
+    y_max: torch.Tensor
+
+    def __init__(
+        self,
+        n_genes: int,
+        cond_dim: int,
+        network: NetworkConfig | None = None,
+        diffusion: DiffusionConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_genes, self.cond_dim = int(n_genes), int(cond_dim)
+        self.network = network or NetworkConfig()
+        self.diffusion = diffusion or DiffusionConfig()
+        self.net = self.network.build(self.n_genes, self.cond_dim)
+        d = self.diffusion
+        for name, values in make_schedule(d.n_steps, d.beta_start, d.beta_end).as_dict().items():
+            self.register_buffer(f"schedule_{name}", values, persistent=False)
+        for name, size, fill in (
+            ("emb_mean", cond_dim, 0.0),
+            ("emb_std", cond_dim, 1.0),
+            ("y_mean", n_genes, 0.0),
+            ("y_std", n_genes, 1.0),
+            ("y_min", n_genes, -math.inf),
+            ("y_max", n_genes, math.inf),
+        ):
+            self.register_buffer(name, torch.full((size,), fill))
+
+    @property
+    def schedule(self) -> Schedule:
+        """The noise schedule, on the module's device (float64)."""
+        return Schedule(**{name: getattr(self, f"schedule_{name}") for name in Schedule.__dataclass_fields__})
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.y_mean.device
+
+    @torch.no_grad()
+    def set_statistics(self, cond: torch.Tensor, y: torch.Tensor) -> None:
+        """Set the normalisation statistics from training conditions ``(n, cond_dim)`` and targets ``(m, n_genes)``.
+
+        The condition is standardised per feature; ``y`` per gene when ``target_scaling == "standardize"``.
+        """
+        cond64 = cond.double()
+        self.emb_mean.copy_(cond64.mean(0))
+        self.emb_std.copy_(cond64.std(0, correction=0).clamp_min(1e-6))
+        y = y.float()
+        if self.diffusion.target_scaling == "standardize":
+            self.y_mean.copy_(y.mean(0))
+            self.y_std.copy_(y.std(0).clamp_min(1e-3))
+        self.y_min.copy_(y.min(0).values)
+        self.y_max.copy_(y.max(0).values)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # the one place that maps between the user's space and the network's
+    def condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """Standardise raw conditions ``(n, cond_dim)`` for the network."""
+        return (cond - self.emb_mean) / self.emb_std
+
+    def to_network(self, y: torch.Tensor) -> torch.Tensor:
+        """Targets ``(n, n_genes)`` on the transform's scale -> the network's data space."""
+        return (y - self.y_mean) / self.y_std
+
+    def from_network(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_network`."""
+        return x * self.y_std + self.y_mean
+
+    def _clip_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.diffusion.clip_margin is None:
+            return None
+        lo, hi = self.to_network(self.y_min), self.to_network(self.y_max)
+        width = hi - lo
+        return lo - self.diffusion.clip_margin * width, hi + self.diffusion.clip_margin * width
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def loss(
+        self, y: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hybrid loss (:func:`~stemst.model.losses.hybrid_loss`) of a batch, at random steps and noise.
+
+        Parameters
+        ----------
+        y
+            ``(B, n_genes)`` clean targets on the transform's scale.
+        cond
+            ``(B, cond_dim)`` raw conditions.
+        generator
+            Draws the time steps, then the noise.
+
+        Returns
+        -------
+        ``(loss, mse)`` per sample, each ``(B,)``; train on ``loss.mean()``.
+        """
+        sched = self.schedule.to(dtype=torch.float32)
+        x0 = self.to_network(y)
+        t = torch.randint(sched.n_steps, (len(x0),), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        xt = q_sample(sched, x0, t, noise)
+        with autocast(x0.device):
+            raw, v = self.net(xt, t, self.condition(cond))
+        d = self.diffusion
+        return hybrid_loss(
+            sched, raw.float(), v, x0, xt, t, noise, parameterization=d.parameterization, vlb_weight=d.vlb_weight
+        )
+
+    def denoise(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, *, clip: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One network evaluation as the samplers want it: ``(x0_hat, eps_hat, v)`` in the network's space.
+
+        ``c`` is the standardised condition (:meth:`condition`). With ``clip``, the data prediction is clipped to
+        the training range widened by ``clip_margin`` and the noise estimate made consistent with it.
+        """
+        sched = self.schedule
+        with autocast(x.device):
+            raw, v = self.net(x, t, c)
+        x0, eps = denoised(sched, raw.float(), x, t, self.diffusion.parameterization)
+        bounds = self._clip_range() if clip else None
+        if bounds is not None:
+            x0c = torch.maximum(torch.minimum(x0, bounds[1]), bounds[0])
+            abar = sched.alphas_cumprod[t].float()[:, None]
+            eps = torch.where(x0c == x0, eps, (x - abar.sqrt() * x0c) / (1 - abar).sqrt())
+            x0 = x0c
+        return x0, eps, (v.float() if v is not None else None)
+
+    @property
+    def default_batch_size(self) -> int:
+        """Rows per network call while sampling: 8192 for the MLP, 1024 for the transformer (a quarter on a CPU)."""
+        size = 8192 if self.network.architecture == "mlp" else 1024
+        return size if self.device.type == "cuda" else size // 4
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        *,
+        n_samples: int = 1,
+        sampler: str = "dpmpp_2m",
+        steps: int = 25,
+        spacing: Spacing = "quadratic",
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        clip: bool = True,
+        callback: Callback | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Draw ``n_samples`` values per condition.
+
+        All conditions x samples are batched together (``batch_size`` rows per network call; row ``r`` is sample
+        ``r // n`` of condition ``r % n``), so for a fixed ``generator`` and ``batch_size`` the result is reproducible.
+
+        Parameters
+        ----------
+        cond
+            ``(n, cond_dim)`` raw conditions.
+        n_samples
+            Samples per condition.
+        sampler
+            A name in :data:`stemst.model.samplers.REGISTRY`: ``"dpmpp_2m"`` (default), ``"ddim"`` or ``"ancestral"``
+            (the paper's, every training step: ``steps`` does not apply).
+        steps, spacing
+            The step grid (:func:`~stemst.model.samplers.step_grid`): network evaluations per sample.
+        generator
+            Draws the starting noise (and any per-step noise).
+        batch_size
+            Rows per network call; default :attr:`default_batch_size`.
+        clip
+            Clip the data prediction to the training range (see :meth:`denoise`).
+        callback
+            Called after every step of every batch with the sampler's state dict.
+        **options
+            Passed to the sampler (``eta`` for DDIM).
+
+        Returns
+        -------
+        ``(n_samples, n, n_genes)`` float32 samples on the transform's scale.
+        """
+        fn = get_sampler(sampler)
+        ts = step_grid(sampler, self.diffusion.n_steps, steps, spacing)
+        batch_size = batch_size or self.default_batch_size
+        sched = self.schedule
+        c_all = self.condition(cond.to(self.device, torch.float32))
+        n, rows = len(c_all), len(c_all) * n_samples
+        out = torch.empty((rows, self.n_genes), dtype=torch.float32, device=self.device)
+        self.eval()
+        for start in range(0, rows, batch_size):
+            stop = min(rows, start + batch_size)
+            c = c_all[torch.arange(start, stop, device=self.device) % n]
+            x = torch.randn((stop - start, self.n_genes), generator=generator, device=self.device)
+
+            def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor = c) -> tuple[torch.Tensor, ...]:
+                return self.denoise(x, t, c, clip=clip)
+
+            out[start:stop] = fn(model_fn, x, sched, ts, generator=generator, callback=callback, **options)
+        return self.from_network(out).reshape(n_samples, n, self.n_genes)

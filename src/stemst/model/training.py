@@ -1,0 +1,325 @@
+"""The training loop of the diffusion engine.
+
+AdamW with an optional warm-up and cosine decay, gradient clipping, an EMA of the weights, atomic checkpoints with
+exact resume, a guard against a NaN loss, a callback and the training curve.
+
+:func:`train_step` is one optimisation step (what :func:`stemst.tl.fit` runs and ``benchmarks/train.py`` times);
+:func:`train` runs it ``config.steps`` times around a :class:`~stemst.model.DiffusionModel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stemst._logging import logger
+from stemst._torch import resolve_device, torch_generator
+from stemst.model.config import TrainingConfig
+from stemst.model.module import DiffusionModel
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay after ``step`` updates: ``min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up lets a short run (a few thousand steps on a CPU) still average over its recent weights instead of
+    keeping mostly the random initialisation, while long runs use ``decay`` (0.9999, the paper's).
+
+    Examples
+    --------
+    >>> ema_decay_at(0, 0.9999), ema_decay_at(10**6, 0.9999)
+    (0.1, 0.9999)
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Move the parameters of ``ema`` towards those of ``model``: ``ema = decay * ema + (1 - decay) * model``.
+
+    Examples
+    --------
+    >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    >>> ema_update(a, b, 0.0)
+    >>> torch.equal(a.weight, b.weight)
+    True
+    """
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+def lr_at(step: int, config: TrainingConfig) -> float:
+    """Learning rate at ``step``: linear warm-up, then constant or cosine decay to 10 % of ``config.lr``.
+
+    Examples
+    --------
+    >>> lr_at(0, TrainingConfig(lr=1.0, warmup_steps=4))
+    0.25
+    """
+    scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, step / max(1, config.steps or 1))
+        scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * scale
+
+
+def train_step(
+    module: DiffusionModel,
+    optimizer: torch.optim.Optimizer,
+    ema: DiffusionModel,
+    cond: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    step: int,
+    config: TrainingConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch drawn from the training pairs, then the EMA update.
+
+    Parameters
+    ----------
+    module, optimizer, ema
+        The model being trained, its optimiser and the EMA copy.
+    cond
+        ``(n * v, cond_dim)`` raw conditions; row ``i * v + k`` is view ``k`` of target ``i``.
+    y
+        ``(n, n_genes)`` targets on the transform's scale.
+    step
+        Steps taken before this one (sets the learning rate and the EMA decay).
+    config
+        The training settings.
+    generator
+        Draws the batch, then (in :meth:`~stemst.model.DiffusionModel.loss`) the time steps and the noise.
+
+    Returns
+    -------
+    The batch's mean loss and mean squared error, detached.
+    """
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    idx = torch.randint(len(cond), (config.batch_size,), generator=generator, device=cond.device)
+    loss, mse = module.loss(y[idx // (len(cond) // len(y))], cond[idx], generator=generator)
+    loss = loss.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(module.parameters()), config.max_grad_norm)
+    optimizer.step()
+    ema_update(ema, module, ema_decay_at(step, config.ema_decay))
+    return loss.detach(), mse.detach().mean()
+
+
+@dataclass
+class TrainingState:
+    """What the callback of :func:`train` sees at every history entry."""
+
+    step: int  #: steps taken
+    module: DiffusionModel  #: the weights being trained
+    ema: DiffusionModel  #: their moving average (what sampling uses), in eval mode
+    history: list[dict[str, float]] = field(default_factory=list)  #: the training curve so far
+
+
+@dataclass
+class TrainingResult:
+    """Outcome of :func:`train`."""
+
+    ema: DiffusionModel  #: the EMA weights, in eval mode: the model to sample from
+    history: list[dict[str, float]]  #: one dict per logged step: ``step``, ``loss``, ``mse``, ``lr``, ``time`` (s)
+    steps: int  #: steps trained in all (including those before a resume)
+    stopped: bool  #: whether the callback stopped training
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _run_description(module: DiffusionModel, run_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the settings a checkpoint must share with a run that resumes from it, JSON-normalised."""
+    desc = {
+        "n_genes": module.n_genes,
+        "cond_dim": module.cond_dim,
+        "network": module.network.as_dict(),
+        "diffusion": module.diffusion.as_dict(),
+        **(run_info or {}),
+    }
+    return json.loads(json.dumps(desc))
+
+
+def train(
+    module: DiffusionModel,
+    cond: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    device: str | torch.device = "auto",
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    run_info: dict[str, Any] | None = None,
+    callback: Callable[[TrainingState], bool | None] | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``module`` on pairs (condition, target) with :func:`train_step`.
+
+    Parameters
+    ----------
+    module
+        The model, initialised and with its statistics set (:meth:`~stemst.model.DiffusionModel.set_statistics`);
+        trained in place.
+    cond
+        ``(n * v, cond_dim)`` raw conditions, ``v`` views per target (row ``i * v + k``: view ``k`` of target ``i``).
+    y
+        ``(n, n_genes)`` targets on the transform's scale.
+    config
+        Training settings; ``steps`` and ``log_every`` are resolved for ``len(cond)`` pairs
+        (:meth:`~stemst.model.TrainingConfig.resolved`).
+    device
+        ``"auto"`` (CUDA if available, else CPU) or a torch device; on CUDA, TF32 matmuls are enabled.
+    checkpoint_dir
+        Folder for ``checkpoint.pt`` (weights, EMA, optimiser, generator state, step, history), written atomically
+        every ``config.checkpoint_every`` steps and at the end.
+    resume
+        Continue from ``checkpoint_dir/checkpoint.pt`` if it exists, exactly as if the run had never stopped.
+    run_info
+        JSON-ready settings beyond the module's own (e.g. the genes) that a resumed run must share.
+    callback
+        Called with a :class:`TrainingState` at every history entry; returning ``True`` stops training (e.g.
+        early stopping on held-out data, evaluated with ``state.ema``).
+    progress
+        Show a progress bar with the loss.
+
+    Returns
+    -------
+    The EMA weights, the training curve and the steps taken.
+
+    Raises
+    ------
+    FloatingPointError
+        If the loss becomes NaN or infinite; the message names the step, and the last checkpoint (if any) is kept.
+
+    Examples
+    --------
+    >>> m = DiffusionModel(5, 3, NetworkConfig(width=16, depth=1))
+    >>> cond, y = torch.randn(64, 3), torch.rand(64, 5)
+    >>> m.set_statistics(cond, y)
+    >>> result = train(m, cond, y, TrainingConfig(steps=20, batch_size=16), device="cpu", progress=False)
+    >>> result.steps, len(result.history)
+    (20, 20)
+    """
+    from tqdm.auto import tqdm
+
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir.")
+    if len(y) == 0 or len(cond) % len(y):
+        raise ValueError(f"cond must have a whole number of rows per target: got {len(cond)} and {len(y)}.")
+    config = config.resolved(len(cond))
+    dev = resolve_device(device)
+    logger.info(
+        "Training %s on %d targets x %d view(s), %d genes, %d-d conditions, %d steps on %s",
+        module.network.architecture,
+        len(y),
+        len(cond) // len(y),
+        module.n_genes,
+        module.cond_dim,
+        config.steps,
+        dev,
+    )
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    module.to(dev).train()
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch_generator(config.seed, dev)
+    run = _run_description(module, run_info)
+    history: list[dict[str, float]] = []
+    step = 0
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    last_ckpt = None
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        old = json.loads(state["run"])
+        diff = [k for k in sorted(run.keys() | old.keys()) if old.get(k) != run.get(k)]
+        if diff:
+            raise ValueError(f"Cannot resume from {ckpt}: the settings differ in {diff}.")
+        module.load_state_dict(state["module"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        step = last_ckpt = int(state["step"])
+        history = json.loads(state["history"])
+        logger.info("Resuming from %s at step %d", ckpt, step)
+    elif ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_checkpoint() -> None:
+        state = {
+            "run": json.dumps(run),
+            "module": module.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": gen.get_state(),
+            "step": step,
+            "history": json.dumps(history),
+        }
+        _atomic_save(state, ckpt)
+
+    cond, y = cond.to(dev), y.to(dev)
+    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    losses, mses = [], []
+    stopped = False
+    bar = tqdm(total=config.steps, initial=step, desc=f"fit {module.network.architecture}", disable=not progress)
+    try:
+        while step < config.steps:
+            loss, mse = train_step(module, opt, ema, cond, y, step=step, config=config, generator=gen)
+            losses.append(loss)
+            mses.append(mse)
+            step += 1
+            at_checkpoint = ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps)
+            if step % config.log_every == 0 or step == config.steps or at_checkpoint:
+                values = torch.stack(losses).cpu().numpy()
+                bad = np.flatnonzero(~np.isfinite(values))
+                if bad.size:
+                    first = step - len(values) + int(bad[0]) + 1
+                    where = f"; the last good checkpoint (step {last_ckpt}) is in {ckpt}" if last_ckpt else ""
+                    raise FloatingPointError(
+                        f"The training loss became {values[bad[0]]} at step {first}{where}. Lower lr, keep "
+                        "max_grad_norm set, or check the inputs for extreme values."
+                    )
+                entry = {
+                    "step": step,
+                    "loss": float(values.mean()),
+                    "mse": float(torch.stack(mses).mean()),
+                    "lr": lr_at(step - 1, config),
+                    "time": time.perf_counter() - t0,
+                }
+                history.append(entry)
+                losses, mses = [], []
+                bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                if at_checkpoint:
+                    save_checkpoint()
+                    last_ckpt = step
+                if callback is not None and callback(TrainingState(step, module, ema, history)):
+                    logger.info("Stopped by the callback at step %d", step)
+                    stopped = True
+                    break
+            bar.update(1)
+    finally:
+        bar.close()
+    if ckpt is not None and last_ckpt != step:
+        save_checkpoint()
+    logger.info("Finished training: %d steps, loss %.4f", step, history[-1]["loss"] if history else float("nan"))
+    return TrainingResult(ema=ema.eval(), history=history, steps=step, stopped=stopped)

@@ -1,0 +1,79 @@
+"""A grid of pseudo-spots over the tissue of an H&E image: where to predict on a section with no sequenced spots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stemst._schema import TABLE_KEY, get_image, get_table, section_info
+
+
+def tissue_mask(image: np.ndarray, *, min_saturation: float | None = None, max_brightness: float = 0.92) -> np.ndarray:
+    """Boolean tissue mask of an RGB ``(c, y, x)`` uint8 image: saturated, not-white pixels.
+
+    Saturation is ``(max - min) / max`` over the channels; its threshold is Otsu's on the image unless given. Glass
+    is bright and grey, H&E-stained tissue is coloured.
+
+    Examples
+    --------
+    >>> img = np.full((3, 4, 4), 240, np.uint8)  # white glass
+    >>> img[:, :, :2] = np.array([200, 80, 120], np.uint8)[:, None, None]  # a pink band
+    >>> tissue_mask(img).sum(0).tolist()
+    [4, 4, 0, 0]
+    """
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    mx, mn = rgb.max(0), rgb.min(0)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    if min_saturation is None:
+        min_saturation = _otsu(sat)
+    return (sat > min_saturation) & (rgb.mean(0) < max_brightness)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
+    p = hist / max(hist.sum(), 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * centres)
+    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return float(centres[int(np.argmax(between))])
+
+
+def grid_spots(
+    sdata: Any,
+    section: str,
+    *,
+    spacing_um: float,
+    table_key: str = TABLE_KEY,
+    microns_per_pixel: float | None = None,
+    min_tissue: float = 0.25,
+) -> tuple[np.ndarray, float]:
+    """Centres ``(x, y)`` (full-resolution pixels) of a square grid of pseudo-spots over the tissue of ``section``.
+
+    A grid point is kept when at least ``min_tissue`` of the pixels of its cell (at the coarsest pyramid level) are
+    tissue (:func:`tissue_mask`). Returns the centres and the pixel spacing.
+
+    Examples
+    --------
+    >>> centres, step = stemst.pp.grid_spots(sdata, "C7", spacing_um=100)  # doctest: +SKIP
+    """
+    if microns_per_pixel is None:
+        microns_per_pixel = section_info(get_table(sdata, table_key), section).microns_per_pixel
+    full = get_image(sdata, section, scale=0)
+    coarse = get_image(sdata, section, scale=99)  # clamps to the coarsest level
+    h0, w0 = full.shape[1:]
+    factor = h0 / coarse.shape[1]
+    mask = tissue_mask(np.asarray(coarse))
+    step = spacing_um / microns_per_pixel
+    if step < 1:
+        raise ValueError(f"spacing_um={spacing_um} is below one pixel ({microns_per_pixel:.3g} µm/px).")
+    xs, ys = np.arange(step / 2, w0, step), np.arange(step / 2, h0, step)
+    centres, half = [], max(0.5, step / factor / 2)
+    for y in ys:
+        for x in xs:
+            cy, cx = y / factor, x / factor
+            cell = mask[int(max(0, cy - half)) : int(cy + half) + 1, int(max(0, cx - half)) : int(cx + half) + 1]
+            if cell.size and cell.mean() >= min_tissue:
+                centres.append((x, y))
+    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), float(step)
