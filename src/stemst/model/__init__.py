@@ -15,7 +15,6 @@ One module per concept:
 
 from .config import DiffusionConfig, NetworkConfig, TrainingConfig
 from .module import DiffusionModel
-from .samplers import REGISTRY as SAMPLERS
 from .training import TrainingResult, TrainingState, ema_decay_at, ema_update, lr_at, train, train_step
 
 __all__ = [
@@ -30,5 +29,4 @@ __all__ = [
     "ema_update",
     "ema_decay_at",
     "lr_at",
-    "SAMPLERS",
 ]

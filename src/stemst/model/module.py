@@ -20,9 +20,6 @@ from stemst.model.losses import denoised, hybrid_loss
 from stemst.model.samplers import Callback, Spacing, get_sampler, step_grid
 from stemst.model.schedule import Schedule, make_schedule, q_sample
 
-#: the normalisation statistics, stored with the weights
-STAT_KEYS = ("emb_mean", "emb_std", "y_mean", "y_std", "y_min", "y_max")
-
 
 class DiffusionModel(nn.Module):
     """A conditional diffusion model of ``n_genes`` values given a ``cond_dim``-d condition.

@@ -212,6 +212,7 @@ def train(
 
     Examples
     --------
+    >>> from stemst.model import DiffusionModel, NetworkConfig, TrainingConfig
     >>> m = DiffusionModel(5, 3, NetworkConfig(width=16, depth=1))
     >>> cond, y = torch.randn(64, 3), torch.rand(64, 5)
     >>> m.set_statistics(cond, y)
