@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from stemst._errors import StemstDataError
+
 TABLE_KEY = "table"
 REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"
@@ -35,10 +37,6 @@ PREDICTION_KEY = "stemst_prediction"
 #: images whose longest side exceeds this are stored as a pyramid (factor 2 per level)
 MULTISCALE_THRESHOLD = 4096
 IMAGE_CHUNKS = 1024
-
-
-class StemstDataError(ValueError):
-    """Raised when input data does not fit the stemst data model; the message says what to fix."""
 
 
 def image_key(section: str) -> str:
@@ -407,3 +405,83 @@ def get_image(sdata: Any, section: str, scale: int = 0) -> Any:
     else:
         arr = el
     return arr.data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks shared by the functions that read embeddings or write tables
+
+
+def check_table_key_free(sdata: Any, key: str, *, overwrite: bool = False, counts_key: str = TABLE_KEY) -> None:
+    """Refuse to write a table under ``key`` when that would replace data the user did not ask to replace.
+
+    Call it before computing anything, so that a refusal leaves ``sdata`` as it was.
+
+    Parameters
+    ----------
+    sdata
+        The :class:`~spatialdata.SpatialData` about to receive a table.
+    key
+        Key of the new table.
+    overwrite
+        Allow replacing an existing table other than the counts table.
+    counts_key
+        Key of the counts table, which is never replaced.
+
+    Raises
+    ------
+    StemstDataError
+        If ``key`` is the counts table, or names an existing table and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import anndata as ad, spatialdata as sd
+    >>> sdata = sd.SpatialData(tables={"table": ad.AnnData()})
+    >>> check_table_key_free(sdata, "prediction")
+    """
+    if key == counts_key:
+        raise StemstDataError(
+            f"key_added={key!r} is the counts table; writing there would destroy the raw counts. "
+            "Choose another key, e.g. key_added='prediction'."
+        )
+    if key in sdata.tables and not overwrite:
+        raise StemstDataError(
+            f"A table {key!r} already exists; pass overwrite=True to replace it, or choose another key_added. "
+            f"Tables present: {list(sdata.tables.keys())}."
+        )
+
+
+def check_embedding(values: Any, *, what: str) -> None:
+    """Refuse embeddings that cannot condition a model: non-finite values, or the same vector for every spot.
+
+    Parameters
+    ----------
+    values
+        ``(n_spots, D)`` or ``(n_spots, views, D)`` embeddings.
+    what
+        How to name them in the message, e.g. ``"obsm['X_uni'] of section 'C2'"``.
+
+    Raises
+    ------
+    StemstDataError
+        If a value is NaN or infinite, or if there are several spots and all have the same embedding.
+
+    Examples
+    --------
+    >>> check_embedding(np.array([[0.0, 1.0], [1.0, 1.0]]), what="obsm['X_demo']")
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim not in (2, 3) or x.shape[0] == 0:
+        raise StemstDataError(f"{what}: expected (n_spots, dim) or (n_spots, views, dim) values, got {x.shape}.")
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise StemstDataError(
+            f"{what}: {int(bad.sum())} of {len(x)} spots have NaN or infinite embeddings (e.g. row "
+            f"{int(np.flatnonzero(bad)[0])}). Embed those spots with stemst.pp.embed_patches, or check the encoder "
+            "(a custom encoder, or half precision overflowing)."
+        )
+    if len(x) > 1 and np.ptp(x, axis=0).max() <= 1e-6 * (1.0 + np.abs(x).max()):
+        raise StemstDataError(
+            f"{what}: all {len(x)} spots have the same embedding, so the image cannot tell them apart. The patches "
+            "are probably identical: is the image blank or a placeholder, or do the spot coordinates miss the "
+            "image content (check the scale factor and obsm['spatial'])?"
+        )

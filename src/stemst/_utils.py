@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
+
+from stemst._errors import StemstError, StemstFileError
 
 #: the random state every stemst function accepts: a seed, a numpy generator, or ``None`` (fresh entropy)
 RNGLike: TypeAlias = int | np.random.Generator | None
@@ -55,3 +62,52 @@ def markdown_table(df: pd.DataFrame, *, floatfmt: str = ".3f", index: bool = Tru
         cells = ([str(idx)] if index else []) + [fmt(v) for v in row.tolist()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: what to do about a file that exists but cannot be read
+REREAD_HINT = (
+    "It may be truncated (an interrupted copy or download) or not in the expected format: copy or export it again."
+)
+
+
+@contextmanager
+def reading(path: str | os.PathLike, what: str, *, hint: str = REREAD_HINT) -> Iterator[None]:
+    """Turn any error a dependency raises while reading ``path`` into a :class:`~stemst.StemstFileError` naming it.
+
+    Errors stemst raises itself, and running out of memory, pass through unchanged.
+
+    Parameters
+    ----------
+    path
+        The file being read.
+    what
+        What the file should hold, e.g. ``"10x HDF5 counts matrix"``.
+    hint
+        What the user can do about it.
+
+    Examples
+    --------
+    >>> with reading("weights.pt", "model weights"):  # doctest: +SKIP
+    ...     state = torch.load("weights.pt")
+    """
+    try:
+        yield
+    except (StemstError, MemoryError):
+        raise
+    except Exception as e:  # any dependency's failure on a bad file becomes one named error
+        raise StemstFileError(path, f"cannot read this {what} ({type(e).__name__}: {e}). {hint}") from e
+
+
+def read_json(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``, raising a :class:`~stemst.StemstFileError` naming the file if it cannot.
+
+    Examples
+    --------
+    >>> read_json("spatial/scalefactors_json.json", what="scale factors")  # doctest: +SKIP
+    {'tissue_hires_scalef': 0.08, ...}
+    """
+    with reading(path, what):
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(obj, dict):
+        raise StemstFileError(path, f"expected a JSON object ({{...}}) holding the {what}, got {type(obj).__name__}.")
+    return obj

@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stemst._errors import StemstDownloadError, StemstFileError
 from stemst._logging import logger
 from stemst._schema import StemstDataError, assemble, make_section
+from stemst._utils import reading
+from stemst.io._image import read_image
 
 HER2ST_COMMIT = "85df7411b987a7dec3feff9718b869a7a82091ec"
 HER2ST_URL = f"https://github.com/almaan/her2st/raw/{HER2ST_COMMIT}/"
@@ -53,10 +56,40 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return base / "her2st"
 
 
-def _fetcher(cache_dir: str | os.PathLike | None) -> Any:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(cache: Path, rel: str) -> str:
+    """Path of ``rel`` in the cache, downloaded (and checksummed) if absent; errors name the file and what to do."""
     import pooch
 
-    return pooch.create(path=_cache_dir(cache_dir), base_url=HER2ST_URL, registry=_registry(), retry_if_failed=2)
+    local = cache / rel
+    expected = _registry()[rel].removeprefix("sha256:")
+    if local.is_file():
+        if _sha256(local) == expected:
+            return str(local)
+        raise StemstFileError(
+            local,
+            f"the cached file fails its SHA-256 check (expected {expected}): it is corrupt or a partial download. "
+            "Delete it; the next call downloads it again.",
+        )
+    fetcher = pooch.create(path=cache, base_url=HER2ST_URL, registry=_registry(), retry_if_failed=2)
+    try:
+        return fetcher.fetch(rel, progressbar=False)
+    except Exception as e:  # pooch passes on whatever requests or the file system raised
+        raise StemstDownloadError(
+            f"Could not download the HER2ST file {rel} from {HER2ST_URL}{rel} into {cache} "
+            f"({type(e).__name__}: {e}). Check the network connection, or put the files in the cache yourself: "
+            f"<cache>/her2st/<path in the repository>, where <cache> is `cache_dir=` or the environment variable "
+            "STEMST_DATA_DIR."
+        ) from e
 
 
 def _image_path(section: str) -> str | None:
@@ -81,20 +114,16 @@ def her2st_sections() -> dict[str, bool]:
     return {s: _image_path(s) is not None for s in names}
 
 
-def _read_image(path: str) -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _load_section(fetch: Any, section: str) -> Any:
-    counts = pd.read_csv(fetch(f"data/ST-cnts/{section}.tsv.gz"), sep="\t", index_col=0)
-    spots = pd.read_csv(fetch(f"data/ST-spotfiles/{section}_selection.tsv"), sep="\t")
-    spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
+def _load_section(cache: Path, section: str) -> Any:
+    counts_file = _fetch(cache, f"data/ST-cnts/{section}.tsv.gz")
+    spots_file = _fetch(cache, f"data/ST-spotfiles/{section}_selection.tsv")
+    with reading(counts_file, "HER2ST counts table"):
+        counts = pd.read_csv(counts_file, sep="\t", index_col=0)
+    with reading(spots_file, "HER2ST spot file"):
+        spots = pd.read_csv(spots_file, sep="\t")
+        spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
     image_rel = _image_path(section)
-    image = _read_image(fetch(image_rel))
+    image, _ = read_image(_fetch(cache, image_rel))
     scale = image.shape[1] / A1_ORIGINAL_WIDTH if section == "A1" else 1.0
     missing = counts.index.difference(spots.index)
     if len(missing):
@@ -151,6 +180,13 @@ def her2st(
 
     Please cite Andersson et al., Nature Communications 12, 6012 (2021) when using this data.
 
+    Raises
+    ------
+    StemstDownloadError
+        If a file is neither in the cache nor downloadable (the message says where to put it).
+    StemstFileError
+        If a cached file fails its checksum (delete it to download it again) or cannot be read.
+
     Examples
     --------
     >>> import stemst
@@ -172,13 +208,9 @@ def her2st(
             f"HER2ST sections {no_image} have counts but no H&E image in the public repository's mirror; "
             f"sections with images: {with_image}."
         )
-    fetch = _fetcher(cache_dir)
-
-    def _fetch(rel: str) -> str:
-        return fetch.fetch(rel, progressbar=False)
-
+    cache = _cache_dir(cache_dir)
     parts = []
     for s in sections:
         logger.info("Loading HER2ST section %s", s)
-        parts.append(_load_section(_fetch, s))
+        parts.append(_load_section(cache, s))
     return assemble(parts)

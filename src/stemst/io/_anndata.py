@@ -8,7 +8,8 @@ import numpy as np
 
 from stemst._logging import logger
 from stemst._schema import StemstDataError
-from stemst.io._utils import build, check_section_name, counts_matrix, obs_columns, to_uint8_rgb
+from stemst.io._image import as_uint8_rgb
+from stemst.io._utils import build, check_section_name, counts_matrix, obs_columns, positive_number
 from stemst.io._visium import VISIUM_SPOT_DIAMETER_UM
 
 
@@ -24,7 +25,7 @@ def from_anndata(
 ) -> Any:
     """Convert a scanpy-style spatial AnnData to the stemst data model.
 
-    Reads ``adata.uns["spatial"][library_id]["images"][image]`` (the H&E image; uint8 or floats in [0, 1]),
+    Reads ``adata.uns["spatial"][library_id]["images"][image]`` (the H&E image; 8- or 16-bit, or floats in [0, 1]),
     ``adata.uns["spatial"][library_id]["scalefactors"]`` (``tissue_<image>_scalef`` and, if the pixel size is
     not given, ``spot_diameter_fullres``) and ``adata.obsm["spatial"]`` (spot centres ``(x, y)`` in
     full-resolution pixels). ``adata`` is not modified.
@@ -86,14 +87,20 @@ def from_anndata(
                 "Cannot derive the pixel size: no 'spot_diameter_fullres' in the scale factors; "
                 "pass `microns_per_pixel=` (µm per full-resolution pixel)."
             )
-        if not float(diameter_px) > 0:
-            raise StemstDataError(f"spot_diameter_fullres must be positive, got {diameter_px!r}.")
+        if positive_number(diameter_px) is None:
+            raise StemstDataError(f"spot_diameter_fullres must be a positive number, got {diameter_px!r}.")
         microns_per_pixel = spot_diameter_um / float(diameter_px)
     if "spatial" not in adata.obsm:
         raise StemstDataError(f"No obsm['spatial'] (spot centres); obsm keys: {list(adata.obsm.keys())}.")
     section = check_section_name(library_id if section is None else section)
-    img = to_uint8_rgb(images[image], what=f"uns['spatial'][{library_id!r}]['images'][{image!r}]")
-    scale = float(scalefactors[scale_key])
+    where = f"uns['spatial'][{library_id!r}]['images'][{image!r}]"
+    img = as_uint8_rgb(images[image], what=where)
+    scale = positive_number(scalefactors[scale_key])
+    if scale is None:
+        raise StemstDataError(
+            f"adata.uns['spatial'][{library_id!r}]['scalefactors'][{scale_key!r}] must be a positive number, "
+            f"got {scalefactors[scale_key]!r}."
+        )
     logger.info("AnnData %s: %d spots, %d genes, %s image %s", section, adata.n_obs, adata.n_vars, image, img.shape)
     return build(
         section,
@@ -106,6 +113,7 @@ def from_anndata(
         microns_per_fullres_pixel=float(microns_per_pixel),
         spot_diameter_um=spot_diameter_um,
         source=f"AnnData uns['spatial'][{library_id!r}]",
+        image_label=f"AnnData {where}, scale factor {scale_key!r}",
         obs=obs_columns(adata.obs),
         extra={"library_id": str(library_id), "image": image},
     )

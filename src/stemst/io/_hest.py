@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,20 +10,14 @@ import numpy as np
 
 from stemst._logging import logger
 from stemst._schema import StemstDataError
-from stemst.io._utils import build, check_section_name, counts_matrix, obs_columns, read_image, require_files
+from stemst._utils import read_json, reading
+from stemst.io._image import read_image
+from stemst.io._utils import build, check_section_name, counts_matrix, obs_columns, positive_number, require_files
 
 #: metadata keys holding the WSI's pixel size, in order of preference (HEST's own reader uses the estimate)
 PIXEL_SIZE_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
 #: spot diameter (µm) by ``st_technology`` when the metadata has no ``spot_diameter``
 TECHNOLOGY_SPOT_DIAMETER_UM = {"visium": 55.0, "spatial transcriptomics": 100.0}
-
-
-def _number(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) and x > 0 else None
 
 
 def hest(
@@ -93,20 +85,24 @@ def hest(
         hint="Expected HEST-1k's layout: <root>/wsis, <root>/st, <root>/metadata.",
     )
     section = check_section_name(sample_id if section is None else section)
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, what="HEST sample metadata")
 
-    mpp = _number(microns_per_pixel)
+    mpp = positive_number(microns_per_pixel)
     if microns_per_pixel is not None and mpp is None:
         raise StemstDataError(f"microns_per_pixel must be a positive number, got {microns_per_pixel!r}.")
     for key in PIXEL_SIZE_KEYS:
         if mpp is None:
-            mpp = _number(meta.get(key))
+            mpp = positive_number(meta.get(key))
     if mpp is None:
         raise StemstDataError(
             f"{meta_file}: no pixel size (keys {list(PIXEL_SIZE_KEYS)} absent or empty); "
             "pass `microns_per_pixel=` (µm per full-resolution pixel)."
         )
-    diameter = _number(spot_diameter_um) if spot_diameter_um is not None else _number(meta.get("spot_diameter"))
+    diameter = (
+        positive_number(spot_diameter_um)
+        if spot_diameter_um is not None
+        else positive_number(meta.get("spot_diameter"))
+    )
     technology = str(meta.get("st_technology", ""))
     if diameter is None and spot_diameter_um is None:
         diameter = TECHNOLOGY_SPOT_DIAMETER_UM.get(technology.lower())
@@ -116,7 +112,8 @@ def hest(
             "pass `spot_diameter_um=`."
         )
 
-    adata = ad.read_h5ad(st)
+    with reading(st, "AnnData (.h5ad) of spots x genes"):
+        adata = ad.read_h5ad(st)
     if "spatial" not in adata.obsm:
         raise StemstDataError(f"{st}: no obsm['spatial'] (spot centres); obsm keys: {list(adata.obsm.keys())}.")
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
@@ -136,6 +133,7 @@ def hest(
         microns_per_fullres_pixel=mpp,
         spot_diameter_um=diameter,
         source=str(root.resolve() / sample_id),
+        image_label=str(wsi),
         obs=obs_columns(adata.obs),
         extra={"platform": technology or "HEST-1k", "sample_id": sample_id, "level": level},
     )

@@ -1,8 +1,7 @@
-"""Pieces shared by the readers: file checks, image reading, and the common "full-resolution spots" step."""
+"""Pieces shared by the readers: file checks and the common "full-resolution spots" step."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,7 @@ import numpy as np
 import pandas as pd
 
 from stemst._schema import StemstDataError, assemble, make_section
-
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs")
+from stemst.io._image import check_spots_on_tissue
 
 
 def require_files(files: Mapping[str, Path], *, hint: str = "") -> None:
@@ -25,6 +23,15 @@ def require_files(files: Mapping[str, Path], *, hint: str = "") -> None:
         raise FileNotFoundError("Missing file(s): " + "; ".join(missing) + (f". {hint}" if hint else "."))
 
 
+def positive_number(value: Any) -> float | None:
+    """``value`` as a finite positive float, or ``None`` if it is not one (missing, text, NaN, zero, negative)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) and x > 0 else None
+
+
 def check_section_name(section: str) -> str:
     """Check that ``section`` can name SpatialData elements and a coordinate system."""
     section = str(section)
@@ -34,88 +41,6 @@ def check_section_name(section: str) -> str:
             "(pass `section=` to choose one)."
         )
     return section
-
-
-def _tiff_yxs(arr: Any, axes: str, path: Path) -> Any:
-    """Bring a tifffile series array to ``(y, x, samples)``, dropping singleton extra axes."""
-    axes = axes.replace("C", "S") if "S" not in axes else axes
-    index = []
-    kept = []
-    for ax, n in zip(axes, arr.shape, strict=True):
-        if ax in "YXS":
-            index.append(slice(None))
-            kept.append(ax)
-        elif n == 1:
-            index.append(0)
-        else:
-            raise StemstDataError(
-                f"{path}: cannot read an H&E image with axes {axes!r} and shape {arr.shape}; expected a 2-D RGB image."
-            )
-    arr = arr[tuple(index)]
-    if "S" not in kept:
-        raise StemstDataError(f"{path}: the image has no colour channels (axes {axes!r}); expected an RGB H&E image.")
-    return arr.transpose([kept.index(a) for a in "YXS"])
-
-
-def read_image(path: str | os.PathLike, *, level: int = 0) -> tuple[Any, tuple[int, int]]:
-    """Read an RGB image as ``(y, x, c)``; TIFFs lazily (dask, via tifffile's zarr interface).
-
-    Parameters
-    ----------
-    path
-        Image file (TIFF, possibly pyramidal; or anything Pillow reads).
-    level
-        Pyramid level to read (TIFF only; 0 is full resolution).
-
-    Returns
-    -------
-    The image and the ``(height, width)`` of pyramid level 0.
-    """
-    path = Path(path)
-    if path.suffix.lower() in TIFF_SUFFIXES or path.name.lower().endswith(".ome.tif"):
-        import dask.array as da
-        import tifffile
-        import zarr
-
-        with tifffile.TiffFile(path) as tf:
-            series = tf.series[0]
-            axes = series.axes
-            shapes = [lvl.shape for lvl in series.levels]
-            dtype = series.dtype
-        if not 0 <= level < len(shapes):
-            raise ValueError(f"{path} has {len(shapes)} pyramid level(s) {shapes}; level={level} does not exist.")
-        if dtype != np.uint8:
-            raise StemstDataError(f"{path}: expected an 8-bit RGB H&E image, got dtype {dtype}.")
-        store = tifffile.imread(path, aszarr=True, series=0, level=level)
-        arr = _tiff_yxs(da.from_zarr(zarr.open(store, mode="r")), axes, path)
-        full = dict(zip(axes, shapes[0], strict=True))
-        return arr, (int(full["Y"]), int(full["X"]))
-    if level != 0:
-        raise ValueError(f"{path} is not a TIFF; only level=0 can be read from it.")
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return arr, (arr.shape[0], arr.shape[1])
-
-
-def to_uint8_rgb(image: Any, *, what: str) -> Any:
-    """Convert an in-memory image to uint8: floats in [0, 1] (e.g. from matplotlib's ``imread``) are scaled by 255."""
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image
-    if np.issubdtype(image.dtype, np.floating):
-        finite = image[np.isfinite(image)]
-        hi = float(finite.max()) if finite.size else 0.0
-        lo = float(finite.min()) if finite.size else 0.0
-        if finite.size != image.size or lo < 0 or hi > 255:
-            raise StemstDataError(f"{what}: float image with values outside [0, 255] or non-finite values.")
-        factor = 255.0 if hi <= 1.0 else 1.0
-        return np.clip(np.rint(image * factor), 0, 255).astype(np.uint8)
-    if np.issubdtype(image.dtype, np.integer) and image.size and image.min() >= 0 and image.max() <= 255:
-        return image.astype(np.uint8)
-    raise StemstDataError(f"{what}: expected an 8-bit RGB image (or floats in [0, 1]), got dtype {image.dtype}.")
 
 
 def counts_matrix(adata: Any, layer: str | None, *, what: str) -> Any:
@@ -146,12 +71,15 @@ def build(
     microns_per_fullres_pixel: float,
     spot_diameter_um: float,
     source: str,
+    image_label: str,
     obs: pd.DataFrame | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Any:
     """Scale full-resolution spot centres ``(x, y)`` into the kept image and build a one-section SpatialData.
 
-    ``scale`` is ``(sx, sy)``: pixels of the kept image per full-resolution pixel.
+    ``scale`` is ``(sx, sy)``: pixels of the kept image per full-resolution pixel. An image in memory is checked
+    (:func:`~stemst.io._image.check_spots_on_tissue`, ``image_label`` naming it): a blank image raises, spots mostly
+    on background warn. Lazy images are checked by :func:`stemst.pp.embed_patches`, which reads a coarse level.
     """
     sx, sy = float(scale[0]), float(scale[1])
     if not (np.isfinite(sx) and np.isfinite(sy) and sx > 0 and sy > 0):
@@ -174,4 +102,12 @@ def build(
         obs=obs,
         extra={**info, **dict(extra or {})},
     )
+    if isinstance(part.image, np.ndarray):
+        check_spots_on_tissue(
+            part.image,
+            part.coords,
+            part.info.spot_diameter_px,
+            what=f"Section {section!r} ({image_label})",
+            stacklevel=5,
+        )
     return assemble([part])

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from stemst._errors import StemstFileError
 from stemst._schema import (
     INSTANCE_KEY,
     REGION_KEY,
@@ -23,6 +24,10 @@ from stemst._schema import (
     image_key,
     spots_key,
 )
+from stemst._utils import reading
+
+#: files marking the root of a zarr store (v3, v2)
+ZARR_GROUP_FILES = ("zarr.json", ".zgroup")
 
 
 def _check_section(sdata: Any, table: Any, info: SectionInfo, problems: list[str]) -> None:
@@ -173,7 +178,14 @@ def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected a SpatialData .zarr folder.")
-    sdata = sd.read_zarr(path)
+    if not path.is_dir() or not any((path / f).is_file() for f in ZARR_GROUP_FILES):
+        raise StemstFileError(
+            path,
+            "not a zarr store (a folder with zarr.json, or .zgroup for zarr v2); give the .zarr folder written by "
+            "stemst.io.write_zarr or SpatialData.write.",
+        )
+    with reading(path, "SpatialData zarr store", hint="Write it again with stemst.io.write_zarr."):
+        sdata = sd.read_zarr(path)
     if check:
         validate(sdata)
     return sdata
@@ -196,5 +208,9 @@ def write_zarr(sdata: Any, path: str | os.PathLike, *, overwrite: bool = False) 
     >>> import stemst
     >>> stemst.io.write_zarr(stemst.datasets.her2st(["C2"]), "her2st_c2.zarr")  # doctest: +SKIP
     """
+    import anndata as ad
+
     validate(sdata)
-    sdata.write(Path(path), overwrite=overwrite)
+    # an explicit choice (no sharding: the layout every zarr reader knows) instead of a warning per array written
+    with ad.settings.override(auto_shard_zarr_v3=False):
+        sdata.write(Path(path), overwrite=overwrite)

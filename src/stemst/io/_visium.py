@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -10,9 +9,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from stemst._errors import StemstFileError
 from stemst._logging import logger
 from stemst._schema import StemstDataError
-from stemst.io._utils import build, check_section_name, read_image, require_files
+from stemst._utils import read_json, reading
+from stemst.io._image import read_image
+from stemst.io._utils import build, check_section_name, positive_number, require_files
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 FILTERED_COUNTS = "filtered_feature_bc_matrix.h5"
@@ -36,9 +38,10 @@ def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
     for name in POSITIONS_FILES:
         file = spatial / name
         if file.is_file():
-            first = file.open().readline()
-            has_header = "in_tissue" in first
-            df = pd.read_csv(file, header=0 if has_header else None)
+            with reading(file, "spot positions CSV"):
+                with file.open() as f:
+                    has_header = "in_tissue" in f.readline()
+                df = pd.read_csv(file, header=0 if has_header else None)
             if not has_header:
                 if df.shape[1] != len(POSITION_COLUMNS):
                     raise StemstDataError(
@@ -48,6 +51,16 @@ def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
             missing = [c for c in POSITION_COLUMNS if c not in df.columns]
             if missing:
                 raise StemstDataError(f"{file}: missing columns {missing}; columns present: {list(df.columns)}.")
+            numeric = df[POSITION_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+            incomplete = numeric.isna().any(axis=1).to_numpy()
+            if incomplete.any():
+                raise StemstFileError(
+                    file,
+                    f"{int(incomplete.sum())} row(s) with missing or non-numeric values, e.g. row "
+                    f"{int(np.flatnonzero(incomplete)[0]) + 1}: {df.iloc[int(np.flatnonzero(incomplete)[0])].tolist()}. "
+                    "Is the file truncated? Copy it again from Space Ranger's spatial/ folder.",
+                )
+            df[POSITION_COLUMNS[1:]] = numeric
             df["barcode"] = df["barcode"].astype(str)
             if df["barcode"].duplicated().any():
                 dup = df.loc[df["barcode"].duplicated(), "barcode"].unique()[:5].tolist()
@@ -156,19 +169,21 @@ def visium(
     import h5py
     import scanpy as sc
 
-    scalefactors = json.loads((spatial / SCALEFACTORS).read_text())
+    scalefactors_file = spatial / SCALEFACTORS
+    scalefactors = read_json(scalefactors_file, what="Space Ranger scale factors")
     needed = ["spot_diameter_fullres"] + ([] if image == "fullres" else [f"tissue_{image}_scalef"])
     missing = [k for k in needed if k not in scalefactors]
     if missing:
-        raise StemstDataError(
-            f"{spatial / SCALEFACTORS}: missing keys {missing}; keys present: {sorted(scalefactors)}."
-        )
-    scale = 1.0 if image == "fullres" else float(scalefactors[f"tissue_{image}_scalef"])
-    spot_diameter_fullres = float(scalefactors["spot_diameter_fullres"])
-    if not (np.isfinite(spot_diameter_fullres) and spot_diameter_fullres > 0):
-        raise StemstDataError(f"{spatial / SCALEFACTORS}: spot_diameter_fullres must be positive.")
+        raise StemstFileError(scalefactors_file, f"missing keys {missing}; keys present: {sorted(scalefactors)}.")
+    values = {k: positive_number(scalefactors[k]) for k in needed}
+    bad = {k: scalefactors[k] for k, v in values.items() if v is None}
+    if bad:
+        raise StemstFileError(scalefactors_file, f"{bad} must be positive numbers.")
+    scale = 1.0 if image == "fullres" else values[f"tissue_{image}_scalef"]
+    spot_diameter_fullres = values["spot_diameter_fullres"]
 
-    adata = sc.read_10x_h5(counts_path)
+    with reading(counts_path, "10x HDF5 counts matrix"):
+        adata = sc.read_10x_h5(counts_path)
     if var_names == "gene_ids":
         adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
     if adata.var_names.has_duplicates:
@@ -201,7 +216,7 @@ def visium(
     pos = positions.loc[barcodes]
 
     library_id = None
-    with h5py.File(counts_path, "r") as f:
+    with reading(counts_path, "10x HDF5 counts matrix"), h5py.File(counts_path, "r") as f:
         ids = f.attrs.get("library_ids")
         if ids is not None and len(ids):
             library_id = ids[0].decode() if isinstance(ids[0], bytes) else str(ids[0])
@@ -222,6 +237,7 @@ def visium(
         microns_per_fullres_pixel=spot_diameter_um / spot_diameter_fullres,
         spot_diameter_um=spot_diameter_um,
         source=str(path.resolve()),
+        image_label=f"{image_file}, scale factor {'1 (full resolution)' if image == 'fullres' else needed[1]!r}",
         obs=pos[["array_row", "array_col"]].astype(np.int32),
         extra={"platform": "10x Visium", "image": image, "library_id": library_id or ""},
     )

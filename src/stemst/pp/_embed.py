@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stemst._errors import warn
 from stemst._logging import logger
 from stemst._schema import (
     SECTION_KEY,
@@ -20,6 +21,7 @@ from stemst._schema import (
     TABLE_KEY,
     UNS_KEY,
     StemstDataError,
+    check_embedding,
     embedding_key,
     get_image,
     get_table,
@@ -30,6 +32,7 @@ from stemst._schema import (
     sections as _sections,
 )
 from stemst._torch import resolve_device
+from stemst.io._image import check_spots_on_tissue
 
 from ._encoders import Encoder, dihedral_views, normalise, resolve_encoders
 
@@ -39,6 +42,8 @@ PAD_VALUE = 255
 MIN_PATCH_PX = 8
 #: the paper's minimum patch side, in pixels at the encoder's native resolution
 PAPER_PATCH_PX = 224
+#: warn when patches are enlarged more than this to reach the encoder's input size
+MAX_UPSAMPLING = 4.0
 CLIPPED_KEY = "stemst_patch_clipped"
 N_VIEWS = 8
 
@@ -91,6 +96,13 @@ def plan_section(
     wanted_mpp = patch_um / max(e.input_size for e in encoders)
     levels = _levels(sdata, section)
     h0, w0 = levels[0].shape[1:]
+    extent_um = max(h0, w0) * info.microns_per_pixel
+    if patch_um > extent_um:
+        raise StemstDataError(
+            f"Section {section!r}: patch_size_um={patch_um:g} is larger than the whole image ({w0} x {h0} px at "
+            f"{info.microns_per_pixel:.3g} µm/px = {extent_um:.0f} µm across). Patches are usually one to a few spot "
+            f"diameters ({info.spot_diameter_um:g} µm here); leave patch_size_um=None for the paper's rule."
+        )
     chosen = 0
     for k, arr in enumerate(levels):
         sy, sx = h0 / arr.shape[1], w0 / arr.shape[2]
@@ -105,7 +117,16 @@ def plan_section(
             f"Section {section!r}: a {patch_um:.1f} µm patch is only {patch_px} px at the image's {level_mpp:.2f} "
             f"µm/px (minimum {MIN_PATCH_PX} px). Use a larger patch_size_um or a higher-resolution image."
         )
-    if level_mpp > wanted_mpp * 1.001:
+    upsampling = max(e.input_size for e in encoders) / patch_px
+    if upsampling > MAX_UPSAMPLING:
+        warn(
+            f"Section {section!r}: a {patch_um:.0f} µm patch is {patch_px} px at the image's {level_mpp:.2f} µm/px and "
+            f"is enlarged {upsampling:.1f}x to the encoder's {max(e.input_size for e in encoders)} px: the encoder "
+            "sees blurred, upsampled tissue, unlike what it was trained on. Use a higher-resolution image (e.g. the "
+            "full-resolution image rather than hires/lowres) if there is one, and check the scale factor.",
+            stacklevel=4,
+        )
+    elif level_mpp > wanted_mpp * 1.001:
         logger.info(
             "Section %s: the image (%.2f µm/px) is coarser than the encoders need (%.2f µm/px); patches are upsampled.",
             section,
@@ -114,6 +135,18 @@ def plan_section(
         )
     plan = PatchPlan(section, patch_um, chosen, level_mpp, patch_px, scale, (int(arr.shape[1]), int(arr.shape[2])))
     return plan, arr
+
+
+def _check_tissue(sdata: Any, adata: Any, section: str, coords: np.ndarray) -> None:
+    """Raise for a blank image, warn when most spots sit on background; reads a thumbnail of a stored level."""
+    levels = _levels(sdata, section)
+    stored = [k for k, arr in enumerate(levels) if not _derived(arr, levels[:k])]
+    image = levels[stored[-1]]
+    step = levels[0].shape[2] / image.shape[2]
+    info = section_info(adata, section)
+    check_spots_on_tissue(
+        image, coords / step, info.spot_diameter_px / step, what=f"Section {section!r} ({info.source})", stacklevel=5
+    )
 
 
 def _windows(centres_xy: np.ndarray, plan: PatchPlan) -> np.ndarray:
@@ -282,6 +315,8 @@ def embed_patches(
         raise StemstDataError("No spots to embed in the requested sections.")
 
     plans = {s: plan_section(sdata, adata, s, encoders=encoders, patch_size_um=patch_size_um) for s in chosen}
+    for s in chosen:
+        _check_tissue(sdata, adata, s, coords[section_of == s])
     dev = resolve_device(device)
     embedder = _Embedder(encoders, dev, batch_size)
     n_views = N_VIEWS if augment else 1
@@ -310,6 +345,8 @@ def embed_patches(
             bar.update(len(patches))
     bar.close()
     assert feats is not None
+    for s in chosen:
+        check_embedding(feats[section_of == s], what=f"The {name} embeddings of section {s!r}")
     done = np.isin(section_of, chosen)
     _store(adata, key, feats, done, augment=augment)
     old = adata.obs[CLIPPED_KEY].to_numpy(bool) if CLIPPED_KEY in adata.obs else np.zeros(adata.n_obs, bool)

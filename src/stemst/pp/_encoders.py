@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from stemst._errors import StemstDownloadError, StemstError
 from stemst._logging import logger
+from stemst._utils import reading
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +58,9 @@ class Encoder:
         Importable packages the encoder needs (checked before building, with an install hint).
     description
         One line for :func:`list_encoders`.
+    hub_repo
+        Hugging Face hub repository the weights come from, if any. Without network (or with ``HF_HUB_OFFLINE``)
+        and without a cached copy, :meth:`load` fails at once with a message on how to supply local weights.
 
     Examples
     --------
@@ -77,6 +82,7 @@ class Encoder:
     checkpoint: Any = field(default=None, repr=False)
     requires: tuple[str, ...] = ()
     description: str = ""
+    hub_repo: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/ "):
@@ -95,7 +101,16 @@ class Encoder:
             raise ImportError(
                 f"Encoder {self.name!r} needs the package(s) {missing}; install them (e.g. `pip install {missing[0]}`)."
             )
-        model = self.build()
+        if self.hub_repo is not None:
+            _check_hub(self.name, self.hub_repo)
+        try:
+            model = self.build()
+        except (StemstError, ImportError, MemoryError):
+            raise
+        except Exception as e:  # hub clients raise many kinds: HTTP, offline, gated-access, file errors
+            if self.hub_repo is None:
+                raise
+            raise StemstDownloadError(_hub_message(self.name, self.hub_repo, f"building it failed ({e})")) from e
         if self.checkpoint is not None:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"Encoder {self.name!r}: a checkpoint needs a torch.nn.Module, got {type(model)}.")
@@ -157,6 +172,10 @@ class Encoder:
             return timm.create_model(architecture, pretrained=pretrained, **kwargs)
 
         short = name or architecture.removeprefix("hf-hub:").split("/")[-1]
+        hub_repo = None
+        if pretrained:
+            cfg = None if architecture.startswith("hf-hub:") else timm.models.get_pretrained_cfg(architecture)
+            hub_repo = architecture.removeprefix("hf-hub:") if cfg is None else getattr(cfg, "hf_hub_id", None)
         return cls(
             short,
             build,
@@ -166,7 +185,46 @@ class Encoder:
             native_mpp=native_mpp,
             checkpoint=checkpoint,
             description=f"timm {architecture}" + (" (hub weights)" if pretrained else ""),
+            hub_repo=hub_repo,
         )
+
+
+#: seconds to wait for the hub before concluding there is no network
+HUB_TIMEOUT_S = 3.0
+
+
+def _hub_message(name: str, repo: str, reason: str) -> str:
+    return (
+        f"Encoder {name!r} needs weights from the Hugging Face hub ({repo}), and {reason}. Either download them once "
+        "with network access (gated models also need `huggingface-cli login` and the licence accepted on the model "
+        "page), or pass local weights: encoder=stemst.pp.Encoder.from_timm('<timm architecture>', "
+        "checkpoint='path/to/weights.pth'), a TorchScript file, or a checkpoint dict {'arch': ..., 'state_dict': ...}."
+    )
+
+
+def _check_hub(name: str, repo: str) -> None:
+    """Fail fast, before the hub client's retries, when hub weights are neither cached nor downloadable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise StemstDownloadError(
+            _hub_message(
+                name, repo, f"they are not in the local cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set"
+            )
+        )
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError as e:
+        raise StemstDownloadError(
+            _hub_message(name, repo, f"they are not in the local cache and {host} cannot be reached ({e})")
+        ) from e
 
 
 class _Features(nn.Module):
@@ -196,12 +254,13 @@ def _read_state_dict(checkpoint: Any) -> Mapping[str, torch.Tensor]:
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"Encoder checkpoint {str(path)!r} does not exist.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        with reading(path, "encoder checkpoint (state dict)"):
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -413,6 +472,7 @@ for _enc in (
         dim=1024,
         requires=("huggingface_hub",),
         description="UNI ViT-L/16 (MahmoodLab/uni, gated, hub download), 1024-d",
+        hub_repo="MahmoodLab/uni",
     ),
     Encoder(
         "uni2-h",
@@ -420,6 +480,7 @@ for _enc in (
         dim=1536,
         requires=("huggingface_hub",),
         description="UNI2-h ViT-H/14 (MahmoodLab/UNI2-h, gated, hub download), 1536-d",
+        hub_repo="MahmoodLab/UNI2-h",
     ),
     Encoder(
         "h-optimus-0",
@@ -429,6 +490,7 @@ for _enc in (
         dim=1536,
         requires=("huggingface_hub",),
         description="H-optimus-0 ViT-g/14 (bioptimus, hub download), 1536-d",
+        hub_repo="bioptimus/H-optimus-0",
     ),
     Encoder(
         "h-optimus-1",
@@ -438,6 +500,7 @@ for _enc in (
         dim=1536,
         requires=("huggingface_hub",),
         description="H-optimus-1 ViT-g/14 (bioptimus, gated, hub download), 1536-d",
+        hub_repo="bioptimus/H-optimus-1",
     ),
     Encoder(
         "virchow2",
@@ -445,6 +508,7 @@ for _enc in (
         dim=2560,
         requires=("huggingface_hub",),
         description="Virchow2 ViT-H/14 (paige-ai, gated, hub download), class token + mean patch token, 2560-d",
+        hub_repo="paige-ai/Virchow2",
     ),
     Encoder(
         "phikon",
@@ -452,6 +516,7 @@ for _enc in (
         dim=768,
         requires=("transformers",),
         description="Phikon ViT-B/16 (owkin, hub download, needs transformers), class token, 768-d",
+        hub_repo="owkin/phikon",
     ),
     Encoder(
         "phikon-v2",
@@ -459,6 +524,7 @@ for _enc in (
         dim=1024,
         requires=("transformers",),
         description="Phikon-v2 ViT-L/16 (owkin, hub download, needs transformers), class token, 1024-d",
+        hub_repo="owkin/phikon-v2",
     ),
     Encoder(
         "conch",
@@ -469,6 +535,7 @@ for _enc in (
         dim=512,
         requires=("conch",),
         description="CONCH ViT-B/16 image tower (MahmoodLab/conch, gated; needs the conch package), 512-d",
+        hub_repo="MahmoodLab/conch",
     ),
 ):
     register_encoder(_enc)
@@ -490,7 +557,8 @@ def _from_checkpoint_file(path: Path) -> Encoder:
         raise ValueError(
             f"{path} holds bare weights without an architecture; use Encoder.from_timm(arch, checkpoint={str(path)!r})."
         )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, "encoder checkpoint"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping) or "arch" not in obj:
         raise ValueError(
             f"Cannot tell the architecture of the checkpoint {path}. Save a dict "
