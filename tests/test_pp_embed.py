@@ -48,7 +48,9 @@ def _with_table(sdata, table):
 
 
 def test_patch_geometry_padding_and_clipped_flag():
-    sdata = assemble([_section("S1", value=0)])  # black image: a patch's mean is its padded (white) fraction
+    sec = _section("S1", value=0)  # black image: a patch's mean is its padded (white) fraction
+    sec.image[:, :3, 590:] = 255  # a mark outside every patch, so that the image is not refused as blank
+    sdata = assemble([sec])
     embed_patches(sdata, encoder=MEAN_RGB, augment=False, progress=False, device="cpu")
     t = sdata.tables["table"]
     x = t.obsm["X_mean_rgb"]

@@ -250,7 +250,7 @@ def check_spots_on_tissue(
 
     Returns
     -------
-    The fraction of spots on tissue.
+    The fraction of spots on tissue; NaN for a greyscale image, where stain colour cannot mark the tissue.
 
     Raises
     ------
@@ -263,6 +263,8 @@ def check_spots_on_tissue(
 
     thumb, step = thumbnail(image)
     check_not_blank(thumb, what=what)
+    if (thumb == thumb[:1]).all():
+        return float("nan")  # greyscale (warned when read): no stain colour to tell tissue from glass
     window = max(1, int(round(spot_diameter_px / step)))
     smoothed = uniform_filter(tissue_mask(thumb).astype(np.float32), size=window)
     xy = np.asarray(coords, dtype=np.float64) / step

@@ -124,7 +124,7 @@ def plan_section(
             f"is enlarged {upsampling:.1f}x to the encoder's {max(e.input_size for e in encoders)} px: the encoder "
             "sees blurred, upsampled tissue, unlike what it was trained on. Use a higher-resolution image (e.g. the "
             "full-resolution image rather than hires/lowres) if there is one, and check the scale factor.",
-            stacklevel=4,
+            stacklevel=5,
         )
     elif level_mpp > wanted_mpp * 1.001:
         logger.info(
