@@ -291,7 +291,10 @@ def test_hub_encoder_offline_fails_fast_naming_it(c2_sdata, monkeypatch, tmp_pat
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     before = snapshot(c2_sdata)
     start = time.perf_counter()
-    with pytest.raises(StemstDownloadError, match=r"'uni'.*MahmoodLab/uni.*HF_HUB_OFFLINE.*checkpoint="):
+    with (
+        pytest.raises(StemstDownloadError, match=r"'uni'.*MahmoodLab/uni.*HF_HUB_OFFLINE.*checkpoint="),
+        pytest.warns(StemstWarning, match="enlarged"),  # UNI wants 0.5 µm/px; this image is 3 µm/px
+    ):
         stemst.pp.embed_patches(c2_sdata, encoder="uni", progress=False)
     assert time.perf_counter() - start < 5
     assert_unchanged(c2_sdata, before)
