@@ -3,7 +3,8 @@
 from importlib.metadata import version
 
 from . import datasets, io, metrics, pl, pp, tl
+from ._errors import StemstDownloadError, StemstError, StemstFileError, StemstWarning
 from ._schema import StemstDataError
 
 __version__ = version("stemst")
-__all__ = ["datasets", "io", "metrics", "pl", "pp", "tl", "StemstDataError"]
+__all__ = ["datasets", "io", "metrics", "pl", "pp", "tl", "StemstError", "StemstDataError", "StemstFileError", "StemstDownloadError", "StemstWarning"]

@@ -6,11 +6,13 @@ from ._evaluate import Evaluation, compare, evaluate, library_size_yardstick, no
 from ._fit import fit
 from ._model import StemstModel
 from ._predict import predict, predict_image
+from ._smooth import smooth
 
 __all__ = [
     "Predictor",
     "predict",
     "predict_image",
+    "smooth",
     "fit",
     "StemstModel",
     "evaluate",

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from stemst.model.calibration import interval_hits, spread_scales
+from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, reduce_rank, ridge_path
+
+
+def _low_rank(n=240, k=20, g=30, rank=2, noise=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, k))
+    B = rng.normal(size=(k, rank)) @ rng.normal(size=(rank, g)) / np.sqrt(k)
+    return Z, Z @ B + noise * rng.normal(size=(n, g)), np.repeat(np.arange(4), n // 4)
+
+
+def test_ridge_path_shrinks_monotonically_to_zero():
+    Z, Y, _ = _low_rank()
+    coefs, _, _ = ridge_path(Z, Y, [0.0, 1.0, 100.0, 1e8])
+    norms = [np.linalg.norm(c) for c in coefs]
+    assert norms == sorted(norms, reverse=True)
+    assert norms[-1] < 1e-3 * norms[0]
+    ols = np.linalg.lstsq(np.c_[Z, np.ones(len(Z))], Y, rcond=None)[0][:-1]
+    np.testing.assert_allclose(coefs[0], ols, atol=1e-8)
+
+
+def test_reduce_rank_gives_fitted_values_of_that_rank():
+    Z, Y, _ = _low_rank(rank=5)
+    (coef,), zm, _ = ridge_path(Z, Y, [1.0])
+    for r in (1, 3):
+        assert np.linalg.matrix_rank((Z - zm) @ reduce_rank(coef, Z - zm, r), tol=1e-8) == r
+    assert reduce_rank(coef, Z - zm, None) is coef
+
+
+def test_fit_head_picks_low_rank_and_beats_chance_on_new_data():
+    Z, Y, _ = _low_rank(n=480, rank=2, noise=2.0)
+    train, test = slice(0, 240), slice(240, None)
+    head = fit_head(Z[train], Y[train], np.repeat(np.arange(4), 60))
+    assert head.cv["best"]["rank"] in (3, 10)  # the truth is rank 2: a low rank wins on held-out groups
+    assert mean_pearson(head.predict(Z[test]), Y[test]) > 0.3
+    shuffled = np.random.default_rng(1).permutation(Y[test])
+    assert abs(mean_pearson(head.predict(Z[test]), shuffled)) < 0.1
+    single = fit_head(Z[train], Y[train], np.zeros(240))
+    assert "one group" in single.cv["note"] and single.rank is None
+
+
+def test_cross_fitted_residuals_are_wider_than_in_sample():
+    Z, Y, groups = _low_rank(noise=2.0)
+    head = fit_head(Z, Y, groups)
+    cross = cross_fitted_residuals(Z, Y, groups, head)
+    inside = Y - head.predict(Z)
+    assert cross.std() > inside.std()
+    np.testing.assert_allclose(cross_fitted_residuals(Z, Y, np.zeros(len(Z)), head), inside)
+
+
+def test_spread_scales_recover_known_factors():
+    rng = np.random.default_rng(0)
+    truth = np.array([3.0, 0.5, 1.0])
+    y = rng.normal(size=(500, 3)) * truth
+    samples = rng.normal(size=(100, 500, 3))
+    s = spread_scales(samples, y)
+    np.testing.assert_allclose(s, truth, rtol=0.12)
+    cov = interval_hits(samples * s, y, 0.9).mean(0)
+    np.testing.assert_allclose(cov, 0.9, atol=0.04)
+    # with few spots, one scale for all genes
+    s_few = spread_scales(samples[:, :20], y[:20])
+    assert len(set(np.round(s_few, 6))) == 1
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9])
+def test_interval_hits_known_answer(level):
+    samples = np.arange(1, 101, dtype=float)[:, None, None]  # 1..100
+    y = np.array([[50.0], [99.9], [0.0]])[None].reshape(3, 1)
+    hits = interval_hits(np.broadcast_to(samples, (100, 3, 1)), y, level).ravel()
+    assert hits.tolist() == [True, False, False]
