@@ -7,4 +7,16 @@ from ._errors import StemstDownloadError, StemstError, StemstFileError, StemstWa
 from ._schema import StemstDataError
 
 __version__ = version("stemst")
-__all__ = ["datasets", "io", "metrics", "pl", "pp", "tl", "StemstError", "StemstDataError", "StemstFileError", "StemstDownloadError", "StemstWarning"]
+__all__ = [
+    "datasets",
+    "io",
+    "metrics",
+    "pl",
+    "pp",
+    "tl",
+    "StemstError",
+    "StemstDataError",
+    "StemstFileError",
+    "StemstDownloadError",
+    "StemstWarning",
+]

@@ -15,7 +15,7 @@ from scipy.stats import rankdata
 #: the PCC-k summaries reported by default (the Stem paper's PCC-10 / 50 / 200)
 PCC_KS: tuple[int, ...] = (10, 50, 200)
 #: central sample-interval levels whose coverage is reported
-COVERAGE_LEVELS: tuple[float, ...] = (0.5, 0.9)
+COVERAGE_LEVELS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
 
 
 def _pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +219,7 @@ def summary_metrics(
     -------
     ``mean_pearson`` (mean over the whole panel), ``median_pearson``, ``mean_spearman``, ``pcc_<k>`` (see
     :func:`pcc_at_k`), ``mse`` and ``mae`` (over all spots x genes), ``rvd``, ``mean_var_ratio``,
-    ``coverage_<level>`` (overall fraction), ``n_spots``, ``n_genes``, ``n_undefined`` (genes without a correlation).
+    ``coverage_<level>`` (overall fraction) and ``rvd_samples`` (the RVD of single samples, mean of two), ``n_spots``, ``n_genes``, ``n_undefined`` (genes without a correlation).
 
     Examples
     --------
@@ -249,5 +249,7 @@ def summary_metrics(
     if samples is not None and np.shape(samples)[1] >= 2:
         for level in levels:
             out[f"coverage_{round(100 * level)}"] = float(interval_coverage(samples, true, level).mean())
+        # the variance across spots of single samples (not of their mean, which shrinks it by construction)
+        out["rvd_samples"] = float(np.mean([relative_variance_distance(samples[:, i], true) for i in range(2)]))
     out.update(n_spots=int(pred.shape[0]), n_genes=int(pred.shape[1]), n_undefined=int((~ok).sum()))
     return out

@@ -102,6 +102,16 @@ class DiffusionConfig(_Config):
         ``"standardize"``: per-gene zero mean, unit variance in the network's space; ``"none"``: values as they are.
     clip_margin
         While sampling, clip the data prediction to the training range widened by this fraction (``None``: never).
+    head_pcs
+        With a number, the module holds a linear *mean head* on the top ``head_pcs`` principal components of the
+        standardised condition (fitted in closed form, see :mod:`stemst.model.head`) and the diffusion models the
+        residual around it; ``None``: the diffusion models the expression itself (the paper's).
+    cond_pcs
+        With a number, the network sees the top ``cond_pcs`` principal components of the condition, whitened, in
+        place of the whole standardised condition: a low-dimensional condition a few hundred spots cannot memorise.
+    cond_noise, cond_dropout
+        While training, add Gaussian noise of this standard deviation to the network's condition, and replace it by
+        zeros (the mean condition) with this probability: both keep the network from keying on single spots.
 
     Examples
     --------
@@ -116,15 +126,38 @@ class DiffusionConfig(_Config):
     vlb_weight: float = 1e-3
     target_scaling: TargetScaling = "standardize"
     clip_margin: float | None = 0.1
+    head_pcs: int | None = None
+    cond_pcs: int | None = None
+    cond_noise: float = 0.0
+    cond_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _at_least("n_steps", self.n_steps, 2)
+        _at_least("head_pcs", self.head_pcs, 1)
+        _at_least("cond_pcs", self.cond_pcs, 1)
+        _at_least("cond_noise", self.cond_noise, 0)
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         if not 0.0 < self.beta_start < self.beta_end < self.n_steps / 1000.0:
             raise ValueError(f"Need 0 < beta_start < beta_end < T / 1000, got {self.beta_start}, {self.beta_end}.")
         _choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         _choice("target_scaling", self.target_scaling, ("standardize", "none"))
         _at_least("vlb_weight", self.vlb_weight, 0)
         _at_least("clip_margin", self.clip_margin, 0)
+
+    def fitted(self, n: int, dim: int) -> DiffusionConfig:
+        """Copy with the component counts capped at what ``n`` conditions of width ``dim`` can give."""
+        cap = max(1, min(n, dim))
+        return replace(
+            self,
+            head_pcs=min(self.head_pcs, cap) if self.head_pcs else None,
+            cond_pcs=min(self.cond_pcs, cap) if self.cond_pcs else None,
+        )
+
+    @property
+    def n_pcs(self) -> int:
+        """Principal axes of the condition the module keeps (0: none)."""
+        return max(self.head_pcs or 0, self.cond_pcs or 0)
 
 
 @dataclass(frozen=True)

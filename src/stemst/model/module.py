@@ -1,9 +1,11 @@
 """The diffusion model as one :class:`torch.nn.Module`: denoiser, noise schedule and normalisation statistics.
 
 Expression ``y`` (on the target transform's scale) and the condition (an image embedding) never reach the network
-as they are: :meth:`DiffusionModel.to_network` / :meth:`~DiffusionModel.from_network` map ``y`` to and from the
-network's data space and :meth:`~DiffusionModel.condition` standardises the condition, and both :meth:`loss` and
-:meth:`sample` go through them; a model of the residual around a mean prediction changes only those.
+as they are: :meth:`DiffusionModel.target` subtracts the mean head's prediction (when the module has one),
+:meth:`~DiffusionModel.to_network` / :meth:`~DiffusionModel.from_network` map that to and from the network's data
+space and :meth:`~DiffusionModel.condition` standardises (and optionally projects) the condition; both
+:meth:`loss` and :meth:`sample` go through them. :meth:`~DiffusionModel.sample` finally applies the spread
+calibration (``residual_weight``, ``spread``) fitted on held-out data.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from stemst.model.schedule import Schedule, make_schedule, q_sample
 class DiffusionModel(nn.Module):
     """A conditional diffusion model of ``n_genes`` values given a ``cond_dim``-d condition.
 
-    Buffers: the schedule (float64, rebuilt from ``diffusion``, not saved) and the statistics ``emb_mean``,
-    ``emb_std`` (condition standardisation), ``y_mean``, ``y_std`` (target scaling) and ``y_min``, ``y_max``
-    (training range, for clipping the data prediction while sampling), saved in :meth:`state_dict`. Set the
-    statistics from training data with :meth:`set_statistics`.
+    Buffers: the schedule (float64, rebuilt from ``diffusion``, not saved) and, saved in :meth:`state_dict`, the
+    statistics ``emb_mean``, ``emb_std`` (condition standardisation), ``y_mean``, ``y_std`` (target scaling),
+    ``y_min``, ``y_max`` (training range of the target, for clipping the data prediction while sampling); with
+    ``diffusion.n_pcs``: ``pca_axes`` ``(cond_dim, k)`` and ``pca_sd`` ``(k,)``; with ``diffusion.head_pcs``: the mean
+    head ``head_coef`` ``(head_pcs, n_genes)`` and ``head_bias``; always: the calibration ``residual_weight`` (weight
+    of the network's mean of the target, 1 = as learned) and ``spread`` (per-gene factor on the samples' deviations
+    from that mean, 1 = as learned). Set them from training data with :meth:`set_projection`, :meth:`set_head`,
+    :meth:`set_statistics` (in that order) and :meth:`set_calibration`.
 
     Parameters
     ----------
@@ -67,8 +73,8 @@ class DiffusionModel(nn.Module):
         self.n_genes, self.cond_dim = int(n_genes), int(cond_dim)
         self.network = network or NetworkConfig()
         self.diffusion = diffusion or DiffusionConfig()
-        self.net = self.network.build(self.n_genes, self.cond_dim)
         d = self.diffusion
+        self.net = self.network.build(self.n_genes, d.cond_pcs or self.cond_dim)
         for name, values in make_schedule(d.n_steps, d.beta_start, d.beta_end).as_dict().items():
             self.register_buffer(f"schedule_{name}", values, persistent=False)
         for name, size, fill in (
@@ -80,6 +86,14 @@ class DiffusionModel(nn.Module):
             ("y_max", n_genes, math.inf),
         ):
             self.register_buffer(name, torch.full((size,), fill))
+        if d.n_pcs:
+            self.register_buffer("pca_axes", torch.eye(cond_dim, d.n_pcs))
+            self.register_buffer("pca_sd", torch.ones(d.n_pcs))
+        if d.head_pcs:
+            self.register_buffer("head_coef", torch.zeros(d.head_pcs, n_genes))
+            self.register_buffer("head_bias", torch.zeros(n_genes))
+        self.register_buffer("residual_weight", torch.ones(()))
+        self.register_buffer("spread", torch.ones(n_genes))
 
     @property
     def schedule(self) -> Schedule:
@@ -92,15 +106,59 @@ class DiffusionModel(nn.Module):
         return self.y_mean.device
 
     @torch.no_grad()
-    def set_statistics(self, cond: torch.Tensor, y: torch.Tensor) -> None:
-        """Set the normalisation statistics from training conditions ``(n, cond_dim)`` and targets ``(m, n_genes)``.
-
-        The condition is standardised per feature; ``y`` per gene when ``target_scaling == "standardize"``.
-        """
+    def set_projection(self, cond: torch.Tensor) -> None:
+        """Set the condition standardisation and (with ``diffusion.n_pcs``) its principal axes from ``(n, cond_dim)``."""
         cond64 = cond.double()
         self.emb_mean.copy_(cond64.mean(0))
         self.emb_std.copy_(cond64.std(0, correction=0).clamp_min(1e-6))
+        if self.diffusion.n_pcs:
+            z = (cond64 - cond64.mean(0)) / self.emb_std.double()
+            _, s, vt = torch.linalg.svd(z, full_matrices=False)
+            k = self.diffusion.n_pcs
+            if k > len(s):
+                raise ValueError(f"{k} principal components need at least {k} conditions, got {len(cond)}.")
+            self.pca_axes.copy_(vt[:k].T)
+            self.pca_sd.copy_((s[:k] / math.sqrt(len(z))).clamp_min(1e-6))
+
+    def pca_scores(self, cond: torch.Tensor) -> torch.Tensor:
+        """Scores of raw conditions ``(n, cond_dim)`` on the kept principal axes, ``(n, n_pcs)`` (not whitened)."""
+        return ((cond - self.emb_mean) / self.emb_std) @ self.pca_axes
+
+    @torch.no_grad()
+    def set_head(self, coef: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set the mean head: ``head(cond) = pca_scores(cond)[:, :head_pcs] @ coef + bias``."""
+        self.head_coef.copy_(coef)
+        self.head_bias.copy_(bias)
+
+    def head(self, cond: torch.Tensor) -> torch.Tensor:
+        """Return the mean head's prediction ``(n, n_genes)`` on the transform's scale (zeros when there is no head)."""
+        if not self.diffusion.head_pcs:
+            return torch.zeros((len(cond), self.n_genes), device=cond.device)
+        return self.pca_scores(cond)[:, : self.diffusion.head_pcs] @ self.head_coef + self.head_bias
+
+    def target(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Return what the diffusion models: ``y`` minus the mean head's prediction (``y`` itself without a head)."""
+        return y - self.head(cond) if self.diffusion.head_pcs else y
+
+    @torch.no_grad()
+    def set_calibration(self, residual_weight: float, spread: torch.Tensor | float) -> None:
+        """Set the calibration applied by :meth:`sample`: ``mean + residual_weight * m + spread * (x - m)``."""
+        self.residual_weight.fill_(float(residual_weight))
+        self.spread.copy_(torch.as_tensor(spread, dtype=torch.float32).expand(self.n_genes))
+
+    @torch.no_grad()
+    def set_statistics(self, cond: torch.Tensor, y: torch.Tensor, *, projection: bool = True) -> None:
+        """Set the normalisation statistics from training conditions ``(n, cond_dim)`` and targets ``(m, n_genes)``.
+
+        Sets the projection first (:meth:`set_projection`; skipped with ``projection=False``, when it was set on
+        other rows); the target (``y`` minus the head, see :meth:`target`; then ``m == n``) is standardised per gene
+        when ``target_scaling == "standardize"``.
+        """
+        if projection:
+            self.set_projection(cond)
         y = y.float()
+        if self.diffusion.head_pcs:
+            y = self.target(y, cond.float())
         if self.diffusion.target_scaling == "standardize":
             self.y_mean.copy_(y.mean(0))
             self.y_std.copy_(y.std(0).clamp_min(1e-3))
@@ -110,8 +168,19 @@ class DiffusionModel(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     # the one place that maps between the user's space and the network's
     def condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """Standardise raw conditions ``(n, cond_dim)`` for the network."""
+        """Raw conditions ``(n, cond_dim)`` as the network sees them: standardised, or whitened top PCs."""
+        k = self.diffusion.cond_pcs
+        if k:
+            return self.pca_scores(cond)[:, :k] / self.pca_sd[:k]
         return (cond - self.emb_mean) / self.emb_std
+
+    def _regularize(self, c: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        d = self.diffusion
+        if not self.training or (d.cond_noise == 0 and d.cond_dropout == 0):
+            return c
+        noise = torch.randn(c.shape, generator=generator, device=c.device)
+        keep = torch.rand((len(c), 1), generator=generator, device=c.device) >= d.cond_dropout
+        return (c + d.cond_noise * noise) * keep
 
     def to_network(self, y: torch.Tensor) -> torch.Tensor:
         """Targets ``(n, n_genes)`` on the transform's scale -> the network's data space."""
@@ -141,19 +210,20 @@ class DiffusionModel(nn.Module):
         cond
             ``(B, cond_dim)`` raw conditions.
         generator
-            Draws the time steps, then the noise.
+            Draws the time steps, then the noise (then, in training mode, the condition's noise and dropout).
 
         Returns
         -------
         ``(loss, mse)`` per sample, each ``(B,)``; train on ``loss.mean()``.
         """
         sched = self.schedule.to(dtype=torch.float32)
-        x0 = self.to_network(y)
+        x0 = self.to_network(self.target(y, cond))
         t = torch.randint(sched.n_steps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         xt = q_sample(sched, x0, t, noise)
+        c = self._regularize(self.condition(cond), generator)
         with autocast(x0.device):
-            raw, v = self.net(xt, t, self.condition(cond))
+            raw, v = self.net(xt, t, c)
         d = self.diffusion
         return hybrid_loss(
             sched, raw.float(), v, x0, xt, t, noise, parameterization=d.parameterization, vlb_weight=d.vlb_weight
@@ -178,6 +248,34 @@ class DiffusionModel(nn.Module):
             eps = torch.where(x0c == x0, eps, (x - abar.sqrt() * x0c) / (1 - abar).sqrt())
             x0 = x0c
         return x0, eps, (v.float() if v is not None else None)
+
+    @torch.no_grad()
+    def network_mean(self, c: torch.Tensor) -> torch.Tensor:
+        """Estimate the target's conditional mean in the network's space from standardised conditions ``c``.
+
+        The data prediction at the last step from the noise's mode: at ``t = T`` the noisy input carries no
+        information about the data, so the prediction is the mean given the condition (one network evaluation).
+        """
+        t = torch.full((len(c),), self.diffusion.n_steps - 1, device=c.device, dtype=torch.long)
+        return self.denoise(torch.zeros((len(c), self.n_genes), device=c.device), t, c, clip=False)[0]
+
+    @torch.no_grad()
+    def mean(self, cond: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
+        """Point prediction ``(n, n_genes)`` on the transform's scale: the head plus the (weighted) network mean.
+
+        With ``calibrated`` the network mean is weighted by ``residual_weight``, as in :meth:`sample`, whose
+        samples are centred on it.
+        """
+        self.eval()
+        cond = cond.to(self.device, torch.float32)
+        m = self.network_mean(self.condition(cond))
+        w = self.residual_weight if calibrated else 1.0
+        return self.head(cond) + self.from_network(w * m)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether :meth:`set_calibration` changed the samples (a weight or a spread other than 1)."""
+        return bool(self.residual_weight != 1 or (self.spread != 1).any())
 
     @property
     def default_batch_size(self) -> int:
@@ -247,5 +345,10 @@ class DiffusionModel(nn.Module):
             def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor = c) -> tuple[torch.Tensor, ...]:
                 return self.denoise(x, t, c, clip=clip)
 
-            out[start:stop] = fn(model_fn, x, sched, ts, generator=generator, callback=callback, **options)
-        return self.from_network(out).reshape(n_samples, n, self.n_genes)
+            x = fn(model_fn, x, sched, ts, generator=generator, callback=callback, **options)
+            if self.calibrated:
+                m = self.network_mean(c)
+                x = self.residual_weight * m + self.spread * (x - m)
+            out[start:stop] = x
+        y = self.from_network(out).reshape(n_samples, n, self.n_genes)
+        return y + self.head(cond.to(self.device, torch.float32)) if self.diffusion.head_pcs else y

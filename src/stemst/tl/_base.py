@@ -69,6 +69,10 @@ class Predictor:
         """
         raise NotImplementedError
 
+    def point_estimate(self, X: np.ndarray, samples: np.ndarray) -> np.ndarray:
+        """Return the prediction stored in ``X`` of a prediction table, ``(n, n_genes)``: the mean of the samples."""
+        return samples.mean(0)
+
     def params(self) -> dict[str, Any]:
         """Return the settings worth recording with a prediction."""
         return {"method": self.method, "embedding_key": self.embedding_key, "transform": self.transform}

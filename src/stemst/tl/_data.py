@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stemst._logging import logger
-from stemst._schema import PANEL_KEY, SECTION_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
+from stemst._schema import PANEL_KEY, SECTION_KEY, SPATIAL_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
 
 
 def as_tables(data: Any, table_key: str = TABLE_KEY) -> list[ad.AnnData]:
@@ -99,6 +99,7 @@ class TrainingSet:
     genes: list[str]
     obs_names: pd.Index
     sections: np.ndarray  #: (n,) section of each spot
+    coords: np.ndarray | None = None  #: (n, 2) spot centres (``obsm['spatial']``) when every table has them
 
     @property
     def n_spots(self) -> int:
@@ -143,7 +144,8 @@ def training_set(
     """
     tables = as_tables(data, table_key)
     panel = resolve_genes(tables[0], genes)
-    xs, ys, vs, names, secs = [], [], [], [], []
+    xs, ys, vs, names, secs, xy = [], [], [], [], [], []
+    n_dropped = 0
     for t in tables:
         mask = section_mask(t, sections) if SECTION_KEY in t.obs or sections is not None else np.ones(t.n_obs, bool)
         if not mask.any():
@@ -155,6 +157,7 @@ def training_set(
         v = get_embeddings(t, embedding_key, views=True) if views else None
         if drop_empty:
             keep = get_counts(t, panel, layer=layer).sum(1) > 0
+            n_dropped += int((~keep).sum())
             if (~keep).any():
                 logger.info("Dropping %d spots with no counts in the panel", int((~keep).sum()))
             x, y = x[keep], y[keep]
@@ -164,8 +167,15 @@ def training_set(
         ys.append(y)
         vs.append(v)
         names.append(t.obs_names.to_numpy())
+        xy.append(np.asarray(t.obsm[SPATIAL_KEY], np.float64)[:, :2] if SPATIAL_KEY in t.obsm else None)
         secs.append(t.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in t.obs else np.full(t.n_obs, ""))
     if not xs or sum(len(x) for x in xs) == 0:
+        if n_dropped:
+            raise StemstDataError(
+                f"All {n_dropped} selected spots have zero counts in the {len(panel)}-gene panel, so none can be "
+                "trained on or scored. Check the panel (stemst.pp.select_genes on the training sections) and that "
+                "the counts table holds raw counts."
+            )
         raise StemstDataError(f"No spots selected (sections={sections!r}).")
     dims = {x.shape[1] for x in xs}
     if len(dims) > 1:
@@ -177,6 +187,7 @@ def training_set(
         genes=panel,
         obs_names=pd.Index(np.concatenate(names)),
         sections=np.concatenate(secs),
+        coords=np.concatenate(xy) if all(c is not None for c in xy) else None,
     )
 
 

@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from stemst._schema import TABLE_KEY, UNS_KEY
+from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
+from stemst._schema import embedding_key as _embedding_key
 from stemst._utils import RNGLike, as_seed
 from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig, TrainingConfig, TrainingState, train
 from stemst.model.config import Architecture, LRSchedule, TargetScaling
 from stemst.model.losses import Parameterization
 from stemst.tl._data import TrainingSet, as_tables, training_pairs
 from stemst.tl._model import StemstModel
+from stemst.tl._validation import EarlyStopping, holdout_groups, prepare_head
+from stemst.tl._validation import calibrate as calibrate_spread
 
 
 def _encoder_settings(tables: list[Any], key: str) -> dict[str, Any]:
@@ -39,14 +42,39 @@ def _collect(data: Any, table_key: str, **kwargs: Any) -> tuple[TrainingSet, np.
     return ts, pairs, _encoder_settings(tables, kwargs["embedding_key"]), facts
 
 
+def check_spread(ts: TrainingSet) -> None:
+    """Refuse training data that cannot be standardised: fewer than 2 spots, or constant embeddings."""
+    if ts.n_spots < 2:
+        raise StemstDataError(
+            f"fit needs at least 2 spots with counts in the panel, got {ts.n_spots}: with one spot the expression "
+            "has no spread to learn or standardise. Train on more spots or sections."
+        )
+    if not (ts.X.std(0) > 0).any():
+        raise StemstDataError("Every training spot has the same embedding; re-embed the spots (wrong image?).")
+
+
+def default_embedding_key(data: Any, table_key: str = TABLE_KEY) -> str:
+    """``X_efficientnet_lite0_context`` when :func:`stemst.pp.spatial_context` made it, else ``X_efficientnet_lite0``."""
+    key = _embedding_key("efficientnet_lite0")
+    return context_key(key) if context_key(key) in as_tables(data, table_key)[0].obsm else key
+
+
 def fit(
     data: Any,
     *,
-    embedding_key: str = "X_efficientnet_lite0",
+    embedding_key: str | None = None,
     genes: str | Iterable[str] | None = None,
     sections: str | Iterable[str] | None = None,
     transform: str = "log2p1",
-    augment: bool = True,
+    validation: str | None = "auto",
+    head: bool = True,
+    head_pcs: int = 256,
+    cond_pcs: int | None = 8,
+    cond_noise: float = 1.0,
+    cond_dropout: float = 0.3,
+    patience: int = 8,
+    calibrate: bool = True,
+    augment: bool = False,
     architecture: Architecture = "mlp",
     depth: int | None = None,
     width: int | None = None,
@@ -85,16 +113,39 @@ def fit(
     diffusion step and noise, and takes an AdamW step on the improved-DDPM hybrid loss. Sampling uses the
     exponential moving average (EMA) of the weights. All settings are checked before the data are read.
 
+    By default (``head=True``) the model is a *residual* diffusion: a reduced-rank ridge head on the top
+    ``head_pcs`` principal components of the condition predicts the mean (its penalty and rank chosen by
+    leave-one-section-out on the training sections), and the diffusion learns the distribution of what the head
+    misses, from cross-fitted residuals, conditioned on the top ``cond_pcs`` whitened components. One training
+    section (``validation``; spatial blocks of a single section) is held out: the EMA's loss on it stops training
+    early and picks the weights kept, and the weight of the network's residual mean and the per-gene spread of the
+    samples are calibrated on it, so that the central q-intervals of the samples hold about q of new values.
+    ``head=False`` gives the paper's model (the diffusion learns the expression itself).
+
     Parameters
     ----------
     data
         SpatialData, AnnData, or a list of them, with ``obsm[embedding_key]`` (see :func:`stemst.pp.embed_patches`).
-    embedding_key, genes, sections, transform
-        The embeddings, the gene panel (``None``: ``var['stemst_panel']``; a boolean ``var`` column or names), the
-        sections to train on (default all) and the target transform (:func:`stemst.pp.transform_counts`).
+    embedding_key
+        The embeddings; default: the spatial-context features of the default encoder when
+        :func:`stemst.pp.spatial_context` made them, else its plain embeddings.
+    genes, sections, transform
+        The gene panel (``None``: ``var['stemst_panel']``; a boolean ``var`` column or names), the sections to
+        train on (default all) and the target transform (:func:`stemst.pp.transform_counts`).
+    validation
+        The training section held out for early stopping and calibration: ``"auto"`` (the last one), a name, or
+        ``None`` (train on everything for the given steps, no calibration).
+    head, head_pcs, cond_pcs, cond_noise, cond_dropout
+        The residual model's settings (:class:`~stemst.model.DiffusionConfig`): the mean head and its components,
+        the network's condition (``None``: the whole standardised embedding) and its training noise and dropout.
+        The defaults were chosen on validation folds inside HER2ST C2-C5 (``docs/model.md``).
+    patience
+        Held-out evaluations without improvement before training stops (one every ``steps // 40`` steps).
+    calibrate
+        Calibrate the residual-mean weight and the spread on the held-out section.
     augment
         Train on the embeddings of the 8 flips/rotations ``obsm[f"{embedding_key}_views"]`` (7 augmented :
-        1 original, the paper's ratio); falls back to the originals, with a warning, when the table has none.
+        1 original, the paper's ratio); with ``head=False`` only (the context features already average the views).
     architecture, depth, width, heads, mlp_ratio, dropout, learn_variance
         The denoiser (:class:`~stemst.model.NetworkConfig`): ``"mlp"`` (default: trains in minutes on a CPU) or
         ``"transformer"`` (the paper's gene-token transformer; use a GPU); unset sizes take its defaults.
@@ -121,7 +172,8 @@ def fit(
 
     Returns
     -------
-    The trained :class:`~stemst.tl.StemstModel`; ``model.history`` holds the training curve.
+    The trained :class:`~stemst.tl.StemstModel`; ``model.history`` holds the training curve (with ``val_mse``, the
+    held-out loss, where it was measured) and ``model.training`` the head, stopping and calibration choices.
 
     Raises
     ------
@@ -131,7 +183,8 @@ def fit(
     Examples
     --------
     >>> stemst.pp.embed_patches(sdata)  # doctest: +SKIP
-    >>> model = stemst.tl.fit(sdata, sections=["C2", "C3", "C4", "C5"], steps=3000)  # doctest: +SKIP
+    >>> stemst.pp.spatial_context(sdata)  # doctest: +SKIP
+    >>> model = stemst.tl.fit(sdata, sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
     >>> stemst.tl.predict(model, sdata, sections="C6")  # doctest: +SKIP
     """
     network = NetworkConfig(
@@ -143,12 +196,18 @@ def fit(
         dropout=dropout or 0.0,
         learn_variance=learn_variance,
     )
+    if head and augment:
+        raise ValueError("augment=True needs head=False: the mean head works on one embedding per spot.")
     diffusion = DiffusionConfig(
         n_diffusion_steps,
         parameterization=parameterization,
         vlb_weight=vlb_weight if learn_variance else 0.0,
         target_scaling=target_scaling,
         clip_margin=clip_margin,
+        head_pcs=head_pcs if head else None,
+        cond_pcs=cond_pcs,
+        cond_noise=cond_noise,
+        cond_dropout=cond_dropout,
     )
     training = TrainingConfig(
         steps=steps,
@@ -164,6 +223,7 @@ def fit(
         log_every=log_every,
         checkpoint_every=checkpoint_every,
     )
+    embedding_key = embedding_key or default_embedding_key(data, table_key)
     ts, pairs, encoder, facts = _collect(
         data,
         table_key,
@@ -173,32 +233,54 @@ def fit(
         transform=transform,
         augment=augment,
     )
-    training = training.resolved(len(pairs))
+    check_spread(ts)
+    groups, held = holdout_groups(ts, validation)
+    cond, y = torch.as_tensor(pairs), torch.as_tensor(ts.Y)
+    diffusion = diffusion.fitted(len(ts.X), ts.X.shape[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(training.seed)
         module = DiffusionModel(len(ts.genes), pairs.shape[1], network, diffusion)
-    cond, y = torch.as_tensor(pairs), torch.as_tensor(ts.Y)
-    module.set_statistics(cond, y)
+    record: dict[str, Any] = {"validation": held}
+    if diffusion.head_pcs:
+        residuals, record["head"] = prepare_head(module, cond, ts.Y, groups)
+        y = module.head(cond) + torch.as_tensor(residuals)  # the diffusion learns the cross-fitted residuals
+    fit_rows = torch.as_tensor(groups != held) if held is not None else torch.ones(ts.n_spots, dtype=torch.bool)
+    rows = fit_rows.repeat_interleave(len(pairs) // ts.n_spots)
+    module.set_statistics(cond[rows], y[fit_rows], projection=not diffusion.head_pcs)
+    training = training.resolved(int(rows.sum()))
     about = {"genes": ts.genes, "embedding_key": embedding_key, "transform": transform}
-    record = {**training.as_dict(), **facts}
+    record.update({**training.as_dict(), **facts})
+    stopper = None
+    if held is not None:
+        every = max(1, training.steps // 40)
+        stopper = EarlyStopping(cond[~rows], y[~fit_rows], every=every, patience=patience, seed=training.seed)
 
     def wrap(ema: DiffusionModel, step: int, history: list[dict[str, float]]) -> StemstModel:
         final = {"steps_trained": step, "final_loss": history[-1]["loss"] if history else None}
         return StemstModel(ema, **about, encoder=encoder, training={**record, **final}, history=history)
 
     def on_log(state: TrainingState) -> bool | None:
-        return callback(state.step, wrap(state.ema, state.step, state.history))
+        stop = stopper(state) if stopper is not None else False
+        return bool(callback(state.step, wrap(state.ema, state.step, state.history))) or stop if callback else stop
 
     result = train(
         module,
-        cond,
-        y,
+        cond[rows],
+        y[fit_rows],
         training,
         device=device,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
-        run_info=about,
-        callback=on_log if callback is not None else None,
+        run_info={**about, "validation": held},
+        callback=on_log,
         progress=progress,
     )
+    if stopper is not None:
+        stopper.restore(result.ema)
+        record["early_stopping"] = {"best_step": stopper.best_step, "val_mse": stopper.best, "curve": stopper.curve}
+        if calibrate and diffusion.head_pcs:
+            held_rows = ~fit_rows.numpy()
+            record["calibration"] = calibrate_spread(
+                result.ema, cond[~rows], residuals[held_rows], ts.Y[held_rows], seed=training.seed
+            )
     return wrap(result.ema, result.steps, result.history)

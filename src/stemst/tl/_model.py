@@ -25,6 +25,8 @@ WEIGHTS_FILE = "weights.pt"
 #: 2 (stemst after 0.1.0): ``weights.pt`` holds :meth:`DiffusionModel.state_dict`, the settings are grouped as the
 #: engine's configs; 1 (stemst 0.1.0): ``net.*`` and ``stats.*`` tensors, flat settings (converted on load)
 FORMAT_VERSION = 2
+#: buffers added to format 2 later (identity when absent: the samples as the network draws them)
+CALIBRATION_BUFFERS = ("residual_weight", "spread")
 
 
 def _upgrade_format_1(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -120,7 +122,8 @@ class StemstModel(Predictor):
             DiffusionConfig(**config["diffusion"]),
         )
         if state_dict is not None:
-            module.load_state_dict(state_dict)
+            defaults = {k: v for k, v in module.state_dict().items() if k in CALIBRATION_BUFFERS}
+            module.load_state_dict({**defaults, **state_dict})  # models saved before calibration existed
         keys = ("genes", "embedding_key", "transform", "encoder", "training")
         return cls(module, **{k: config.get(k) for k in keys}, history=history)
 
@@ -223,8 +226,21 @@ class StemstModel(Predictor):
         return y.clamp_min(0.0).cpu().numpy().astype(np.float32)
 
     def predict_mean(self, X: np.ndarray, *, n_samples: int = 20, **kwargs: Any) -> np.ndarray:
-        """Mean of :meth:`sample` over the samples, ``(n, n_genes)``."""
+        """Return the conditional mean ``(n, n_genes)``: see :meth:`point_estimate` (samples only without a head)."""
+        if self.module.diffusion.head_pcs:
+            return self.point_estimate(X, None)
         return self.sample(X, n_samples=n_samples, **kwargs).mean(0)
+
+    def point_estimate(self, X: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
+        """Return the model's mean, clipped at 0; without a mean head, the mean of ``samples``.
+
+        With a head: the head plus the calibrated network mean, what the samples are centred on, free of their
+        Monte Carlo noise.
+        """
+        if not self.module.diffusion.head_pcs:
+            return samples.mean(0)
+        mean = self.module.mean(torch.as_tensor(np.asarray(X, np.float32)).to(self.device))
+        return mean.clamp_min(0.0).cpu().numpy().astype(np.float32)
 
     # ---------------------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -19,6 +19,7 @@ from stemst._schema import (
     TABLE_KEY,
     UNS_KEY,
     StemstDataError,
+    check_table_key_free,
     get_table,
     section_mask,
 )
@@ -42,6 +43,7 @@ def predict(
     sections: str | Iterable[str] | None = None,
     n_samples: int = 20,
     key_added: str | None = None,
+    overwrite: bool = False,
     keep_samples: bool = True,
     rng: RNGLike = 0,
     progress: bool = True,
@@ -63,6 +65,9 @@ def predict(
         Samples per spot (ignored, i.e. 1, for deterministic baselines).
     key_added
         Name of the new table; default ``"stemst_prediction"`` (``"<method>_prediction"`` for baselines).
+    overwrite
+        Replace an existing table of that name (never the counts table ``table_key``); by default an existing
+        name is refused before anything is computed.
     keep_samples
         Store the samples in ``obsm['samples']``.
     rng
@@ -95,6 +100,9 @@ def predict(
         raise TypeError(f"model must be a stemst model or baseline, got {type(model).__name__}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    key = key_added or (PREDICTION_KEY if model.method == "stemst" else f"{model.method}_prediction")
+    if not isinstance(data, ad.AnnData):
+        check_table_key_free(data, key, overwrite=overwrite, counts_key=table_key)
     src = get_table(data, table_key)
     mask = section_mask(src, sections)
     if not mask.any():
@@ -117,7 +125,7 @@ def predict(
             obs[col] = src.obs[col].to_numpy()
     var = pd.DataFrame(index=pd.Index(model.genes))
     var[PANEL_KEY] = True
-    out = ad.AnnData(X=samples.mean(0), obs=obs, var=var)
+    out = ad.AnnData(X=np.asarray(model.point_estimate(X, samples), np.float32), obs=obs, var=var)
     out.layers[STD_LAYER] = samples.std(0).astype(np.float32)
     out.layers[COUNTS_LAYER] = counts
     if keep_samples:
@@ -129,7 +137,6 @@ def predict(
     params = {**model.params(), **{k: v for k, v in sample_kwargs.items() if isinstance(v, str | int | float | bool)}}
     params.update(n_samples=n_draw, rng=rng if isinstance(rng, int) else None, source_table=table_key)
     params = {k: v for k, v in params.items() if v is not None}
-    key = key_added or (PREDICTION_KEY if model.method == "stemst" else f"{model.method}_prediction")
     out.uns[PREDICTION_KEY] = params
 
     if isinstance(data, ad.AnnData):
@@ -156,6 +163,8 @@ def predict_image(
     table_key: str = TABLE_KEY,
     key_added: str | None = None,
     min_tissue: float = 0.25,
+    encoder: Any = None,
+    overwrite: bool = False,
     n_samples: int = 20,
     batch_size: int = 64,
     rng: RNGLike = 0,
@@ -185,6 +194,12 @@ def predict_image(
         Name of the prediction table; default ``f"stemst_prediction_{section}_grid"``.
     min_tissue
         Fraction of a grid cell that must be tissue.
+    encoder
+        The encoder (a name or an :class:`~stemst.pp.Encoder`, as in :func:`stemst.pp.embed_patches`); default
+        the one recorded in the model. It must be the encoder the model was trained on.
+    overwrite
+        Replace the grid, its table and the prediction table if they exist; by default existing ones are refused
+        before anything is computed.
     n_samples, rng, progress, sample_kwargs
         As in :func:`predict`.
     batch_size
@@ -193,23 +208,32 @@ def predict_image(
     Returns
     -------
     The key of the new prediction table (same layout as :func:`predict`'s), annotating ``shapes[f"{section}_grid"]``.
+    When the model was trained on spatial-context features (:func:`stemst.pp.spatial_context`), the grid's context
+    is computed the same way. If any step fails, ``sdata`` is left as it was.
 
     Examples
     --------
     >>> key = stemst.tl.predict_image(model, sdata, "C7")  # doctest: +SKIP
     """
+    import spatialdata as sd
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
 
     from stemst._schema import SECTION_KEY, section_info
-    from stemst.pp import embed_patches, grid_spots
+    from stemst.pp import embed_patches, grid_spots, spatial_context
 
-    if not model.encoder.get("encoder"):
+    if encoder is None and not model.encoder.get("encoder"):
         raise StemstDataError(
             "The model does not record which encoder made its embeddings (fit it on a table embedded with "
-            "stemst.pp.embed_patches); predict_image needs it to embed new patches the same way."
+            "stemst.pp.embed_patches, or pass encoder=); predict_image needs it to embed new patches the same way."
         )
     info = section_info(get_table(sdata, table_key), section)
+    region, out_key = f"{section}_grid", key_added or f"{PREDICTION_KEY}_{section}_grid"
+    grid_key = f"{region}_table"
+    for key in (grid_key, out_key):
+        check_table_key_free(sdata, key, overwrite=overwrite, counts_key=table_key)
+    if region in sdata.shapes and not overwrite:
+        raise StemstDataError(f"sdata.shapes[{region!r}] exists; pass overwrite=True to replace the grid.")
     patch_um = model.encoder.get("patch_size_um")
     if isinstance(patch_um, dict) and patch_um:
         patch_um = float(np.median(list(patch_um.values())))
@@ -218,9 +242,8 @@ def predict_image(
     centres, _ = grid_spots(sdata, section, spacing_um=spacing_um, table_key=table_key, min_tissue=min_tissue)
     if not len(centres):
         raise StemstDataError(f"No tissue found in section {section!r}; lower min_tissue or check the image.")
-    region = f"{section}_grid"
     ids = pd.Index([f"g{i}" for i in range(len(centres))])
-    sdata.shapes[region] = ShapesModel.parse(
+    shapes = ShapesModel.parse(
         centres,
         geometry=0,
         radius=np.full(len(centres), spacing_um / info.microns_per_pixel / 2),
@@ -238,28 +261,44 @@ def predict_image(
     grid = ad.AnnData(obs=obs)
     grid.obsm[SPATIAL_KEY] = centres
     grid.uns[UNS_KEY] = {"sections": {section: info.to_dict()}}
-    grid_key = f"{region}_table"
-    sdata.tables[grid_key] = TableModel.parse(grid, region=region, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    encoders = model.encoder.get("encoders") or model.encoder["encoder"]
+    grid = TableModel.parse(grid, region=region, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    # built apart from sdata (sharing its image), and added to it only once everything has worked
+    work = sd.SpatialData(images={f"{section}_he": sdata.images[f"{section}_he"]}, shapes={region: shapes})
+    work.tables[grid_key] = grid
+    context = model.encoder.get("context")
+    base_key = context["embedding_key"] if context else model.embedding_key
     embed_patches(
-        sdata,
-        encoder=encoders,
+        work,
+        encoder=encoder if encoder is not None else (model.encoder.get("encoders") or model.encoder["encoder"]),
         table_key=grid_key,
         sections=[section],
         patch_size_um=patch_um or None,
-        augment=False,
+        augment=bool(context and context.get("use_views")),
         batch_size=batch_size,
         progress=progress,
-        key_added=model.embedding_key,
+        key_added=base_key,
     )
+    if context:
+        spatial_context(
+            work,
+            embedding_key=base_key,
+            n_rings=int(context["n_rings"]),
+            use_views=bool(context["use_views"]),
+            standardize=bool(context["standardize"]),
+            table_key=grid_key,
+        )
     logger.info("Predicting %d grid spots (%.0f µm apart) in section %r", len(ids), spacing_um, section)
-    return predict(
+    predict(
         model,
-        sdata,
+        work,
         table_key=grid_key,
-        key_added=key_added or f"{PREDICTION_KEY}_{region}",
+        key_added=out_key,
         n_samples=n_samples,
         rng=rng,
         progress=progress,
         **sample_kwargs,
     )
+    sdata.shapes[region] = work.shapes[region]
+    sdata.tables[grid_key] = work.tables[grid_key]
+    sdata.tables[out_key] = work.tables[out_key]
+    return out_key

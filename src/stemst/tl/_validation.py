@@ -1,0 +1,168 @@
+"""The data-driven parts of :func:`stemst.tl.fit`: held-out groups, the mean head, early stopping, calibration.
+
+Everything that :func:`~stemst.tl.fit` chooses from data is chosen here, on data held out *inside* the training
+sections: the head's penalty and rank by leave-one-group-out, the stopping step on one held-out group, and the
+spread calibration on that same group. Test sections are never seen.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stemst._logging import logger
+from stemst.model import DiffusionModel, TrainingState
+from stemst.model.calibration import LEVELS, interval_hits, spread_scales
+from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, spatial_blocks
+from stemst.tl._data import TrainingSet
+
+#: residual-mean weights tried on the held-out group (0: the head's mean alone)
+RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: spatial blocks used as groups when the training data is a single section
+N_BLOCKS = 4
+
+
+def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray, str | None]:
+    """Return the groups for cross-fitting (sections, or spatial blocks of a single section) and the held-out one.
+
+    ``validation``: ``"auto"`` (the last group), a section name, or ``None`` (nothing held out).
+    """
+    sections = ts.sections.astype(str)
+    if len(np.unique(sections)) >= 2:
+        groups = sections
+    elif ts.n_spots >= 4 * N_BLOCKS:
+        coords = ts.coords if ts.coords is not None else np.arange(ts.n_spots, dtype=float)[:, None].repeat(2, 1)
+        groups = np.array([f"block{b}" for b in spatial_blocks(coords, N_BLOCKS)])
+    else:
+        groups = np.zeros(ts.n_spots, str)
+    names = list(dict.fromkeys(groups.tolist()))
+    if validation is None or len(names) < 2:
+        return groups, None
+    if validation == "auto":
+        return groups, names[-1]
+    if validation not in names:
+        raise ValueError(f"validation={validation!r} is not one of the training groups {names}.")
+    return groups, validation
+
+
+def prepare_head(
+    module: DiffusionModel, cond: torch.Tensor, Y: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, dict]:
+    """Set the module's projection and mean head from all training spots; return cross-fitted residuals.
+
+    The head's penalty and rank are chosen by leave-one-group-out (:func:`stemst.model.head.fit_head`); the
+    residual of each group comes from a head fitted without it, so the diffusion learns the spread that new
+    sections will show, not the smaller in-sample one.
+    """
+    module.set_projection(cond)
+    Z = module.pca_scores(cond.float())[:, : module.diffusion.head_pcs].double().numpy()
+    head = fit_head(Z, Y.astype(np.float64), groups)
+    bias = head.y_mean - head.z_mean @ head.coef
+    module.set_head(torch.as_tensor(head.coef, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32))
+    residuals = cross_fitted_residuals(Z, Y.astype(np.float64), groups, head).astype(np.float32)
+    about = {"alpha": head.alpha, "rank": head.rank, **({"cv": head.cv["best"]} if "best" in head.cv else {})}
+    logger.info("Mean head: %s", about)
+    return residuals, about
+
+
+@dataclass
+class EarlyStopping:
+    """Training callback: every ``every`` steps, the EMA's loss on held-out pairs; keeps the best weights.
+
+    The loss is averaged over ``repeats`` draws of steps and noise from a fixed seed, so successive evaluations
+    differ by the weights only. Training stops after ``patience`` evaluations without improvement.
+    """
+
+    cond: torch.Tensor
+    y: torch.Tensor
+    every: int
+    patience: int = 8
+    repeats: int = 8
+    seed: int = 0
+    best: float = float("inf")
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
+    _next: int = 0
+
+    @torch.no_grad()
+    def loss(self, module: DiffusionModel) -> float:
+        """Mean held-out loss of ``module``."""
+        gen = torch.Generator(module.device).manual_seed(self.seed)
+        c, y = self.cond.to(module.device), self.y.to(module.device)
+        was = module.training
+        module.eval()
+        total = sum(float(module.loss(y, c, generator=gen)[1].mean()) for _ in range(self.repeats))
+        module.train(was)
+        return total / self.repeats
+
+    def __call__(self, state: TrainingState) -> bool:
+        if state.step < self._next:
+            return False
+        self._next = state.step + self.every
+        value = self.loss(state.ema)
+        state.history[-1]["val_mse"] = value
+        self.curve.append({"step": state.step, "val_mse": value})
+        if value < self.best:
+            self.best, self.best_step = value, state.step
+            self.best_state = copy.deepcopy(state.ema.state_dict())
+        return (
+            len(self.curve) - 1 - next(i for i, e in enumerate(self.curve) if e["step"] == self.best_step)
+            >= self.patience
+        )
+
+    def restore(self, module: DiffusionModel) -> None:
+        """Load the best weights seen into ``module``."""
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+
+@torch.no_grad()
+def calibrate(
+    module: DiffusionModel,
+    cond: torch.Tensor,
+    residuals: np.ndarray,
+    Y: np.ndarray,
+    *,
+    n_samples: int = 30,
+    steps: int = 25,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Choose the residual-mean weight and the per-gene spread on held-out spots; set them on ``module``.
+
+    ``residuals`` are the held-out spots' cross-fitted residuals and ``Y`` their targets, so ``Y - residuals`` is
+    what a head fitted without them predicts. The weight maximises the held-out mean Pearson r of that prediction
+    plus the weighted network mean; the spread makes the central intervals of the samples hold their nominal share
+    of the held-out values (:func:`stemst.model.calibration.spread_scales`).
+    """
+    module.eval()
+    cond = cond.to(module.device, torch.float32)
+    base = Y - residuals
+    m = (module.from_network(module.network_mean(module.condition(cond))) - module.y_mean).cpu().numpy()
+    offset = module.y_mean.cpu().numpy()
+    scores = [mean_pearson(base + offset + w * m, Y) for w in RESIDUAL_WEIGHTS]
+    weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
+    module.set_calibration(weight, 1.0)
+    gen = torch.Generator(module.device).manual_seed(seed)
+    samples = (module.sample(cond, n_samples=n_samples, steps=steps, generator=gen) - module.head(cond)).cpu().numpy()
+    before = {f"coverage_{round(q * 100)}": float(interval_hits(samples, residuals, q).mean()) for q in LEVELS}
+    scales = spread_scales(samples, residuals)
+    module.set_calibration(weight, torch.as_tensor(scales, dtype=torch.float32))
+    center = samples.mean(0)
+    wide = center + scales * (samples - center)
+    after = {f"coverage_{round(q * 100)}": float(interval_hits(wide, residuals, q).mean()) for q in LEVELS}
+    about = {
+        "residual_weight": weight,
+        "weights_tried": list(RESIDUAL_WEIGHTS),
+        "mean_pearson_by_weight": [float(s) for s in scores],
+        "spread_median": float(np.median(scales)),
+        "coverage_before": before,
+        "coverage_after": after,
+        "n_spots": len(Y),
+    }
+    logger.info("Calibration on %d held-out spots: %s", len(Y), about)
+    return about

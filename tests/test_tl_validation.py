@@ -1,0 +1,115 @@
+"""Validation-driven training, the mean head, calibration and the table guards of tl.fit / tl.predict (issue 9, 10)."""
+
+import numpy as np
+import pytest
+import torch
+
+import stemst
+from stemst._schema import StemstDataError
+from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
+from stemst.tl import fit, predict
+
+KEY = "X_color_stats"
+TRAIN = ["C2", "C3", "C4", "C5"]
+FAST = {"embedding_key": KEY, "width": 64, "depth": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def embedded(her2st_c):
+    """C2-C6 with colour-statistics embeddings, their spatial context and a 60-gene panel."""
+    import spatialdata as sd
+
+    sdata = sd.SpatialData(
+        images=dict(her2st_c.images), shapes=dict(her2st_c.shapes), tables={"table": her2st_c.tables["table"].copy()}
+    )
+    stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
+    stemst.pp.spatial_context(sdata, embedding_key=KEY)
+    stemst.pp.select_genes(sdata, train_sections=TRAIN, n_genes=60)
+    return sdata
+
+
+@pytest.fixture(scope="module")
+def model(embedded):
+    return fit(embedded, sections=TRAIN, steps=300, **{**FAST, "embedding_key": f"{KEY}_context"})
+
+
+def test_fit_holds_out_a_training_section_stops_early_and_calibrates(embedded, model):
+    rec = model.training
+    assert rec["validation"] == "C5" and rec["sections"] == TRAIN
+    assert rec["head"]["rank"] in (None, 3, 10, 30) and rec["head"]["alpha"] > 0
+    stop = rec["early_stopping"]
+    assert 0 < stop["best_step"] <= model.steps_trained <= 300 and len(stop["curve"]) >= 2
+    assert any("val_mse" in h for h in model.history)
+    cal = rec["calibration"]
+    assert cal["residual_weight"] in cal["weights_tried"]
+    # on the held-out section the calibrated intervals hold about their level (the raw ones far less or more)
+    assert abs(cal["coverage_after"]["coverage_90"] - 0.9) < 0.05
+    assert abs(cal["coverage_after"]["coverage_50"] - 0.5) < 0.08
+    # and on the unseen test section they are still close to nominal
+    key = predict(model, embedded, sections="C6", n_samples=20, rng=0, progress=False, key_added="cal_c6")
+    res = stemst.tl.evaluate(embedded, pred_key=key, key_added=None).summary
+    print({k: round(v, 3) for k, v in res.items() if k.startswith("coverage") or k == "mean_pearson"})
+    assert 0.75 < res["coverage_90"] < 0.98 and 0.3 < res["coverage_50"] < 0.7
+    assert res["mean_pearson"] > 0.3 and set(res) >= {"coverage_80", "coverage_95", "rvd_samples"}
+
+
+def test_mean_head_is_at_least_as_good_as_ridge_on_the_same_features(embedded, model):
+    ridge = stemst.tl.fit_baseline(embedded, method="ridge", embedding_key=model.embedding_key, sections=TRAIN)
+    keys = [predict(m, embedded, sections="C6", progress=False, key_added=f"h_{m.method}") for m in (model, ridge)]
+    tab = stemst.tl.compare(embedded, keys, names=["stemst", "ridge"], key_added=None)
+    print(tab[["mean_pearson", "mse"]])
+    assert tab.loc["stemst", "mean_pearson"] > tab.loc["ridge", "mean_pearson"] - 0.02
+
+
+def test_single_section_holds_out_a_spatial_block(embedded):
+    m = fit(embedded, sections="C2", steps=40, **FAST)
+    assert m.training["validation"].startswith("block") and "calibration" in m.training
+
+
+def test_paper_mode_without_head(embedded):
+    m = fit(embedded, sections=TRAIN, steps=30, head=False, validation=None, cond_pcs=None, cond_noise=0, **FAST)
+    assert m.module.diffusion.head_pcs is None and "head" not in m.training and not m.module.calibrated
+    key = predict(m, embedded, sections="C6", n_samples=3, progress=False, key_added="paper")
+    pred = embedded.tables[key]
+    np.testing.assert_allclose(pred.X, pred.obsm["samples"].mean(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="head=False"):
+        fit(embedded, sections=TRAIN, augment=True, **FAST)
+
+
+def test_too_few_spots_is_named(embedded):
+    one = embedded.tables["table"][:1].copy()
+    with pytest.raises(StemstDataError, match="at least 2 spots"):
+        fit(one, steps=5, **FAST)
+    empty = embedded.tables["table"][:20].copy()
+    empty.X = empty.X * 0
+    with pytest.raises(StemstDataError, match="zero counts"):
+        fit(empty, steps=5, **FAST)
+
+
+def test_predict_never_replaces_a_table_unasked(embedded, model):
+    before = embedded.tables["table"]
+    with pytest.raises(StemstDataError, match="counts table"):
+        predict(model, embedded, sections="C6", key_added="table", progress=False)
+    assert embedded.tables["table"] is before
+    predict(model, embedded, sections="C6", n_samples=2, key_added="twice", progress=False)
+    with pytest.raises(StemstDataError, match="overwrite"):
+        predict(model, embedded, sections="C6", n_samples=2, key_added="twice", progress=False)
+    predict(model, embedded, sections="C6", n_samples=2, key_added="twice", progress=False, overwrite=True)
+
+
+def test_spread_calibration_scales_deviations_from_the_network_mean():
+    torch.manual_seed(0)
+    m = DiffusionModel(4, 6, NetworkConfig(width=16, depth=1), DiffusionConfig(head_pcs=3, cond_pcs=2))
+    c, y = torch.randn(50, 6), torch.rand(50, 4)
+    m.set_projection(c)
+    m.set_head(torch.randn(3, 4), torch.zeros(4))
+    m.set_statistics(c, y, projection=False)
+    raw = m.sample(c[:5], n_samples=3, steps=4, generator=torch.Generator().manual_seed(1))
+    m.set_calibration(0.0, torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    cal = m.sample(c[:5], n_samples=3, steps=4, generator=torch.Generator().manual_seed(1))
+    head = m.head(c[:5])
+    centre = m.from_network(m.network_mean(m.condition(c[:5])))
+    # calibrated = head + y_mean + spread * (raw - head - centre)  (network-space deviations, per gene)
+    expected = head + m.y_mean + m.spread * (raw - head - centre)
+    torch.testing.assert_close(cal, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.mean(c[:5]), head + m.y_mean)  # weight 0: the head plus the mean residual
