@@ -125,7 +125,9 @@ def run_split(
         )
         t_fit = time.perf_counter() - t0
         t0 = time.perf_counter()
-        preds[name] = stemst.tl.predict(base, sdata, sections=test, key_added=f"{name}_{test}", progress=False)
+        preds[name] = stemst.tl.predict(
+            base, sdata, sections=test, key_added=f"{name.replace('+', '_')}_{test}", progress=False
+        )
         timings[name] = {
             "fit_s": t_fit,
             "predict_s": time.perf_counter() - t0,
@@ -217,8 +219,53 @@ def summarise(splits: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df, mean
 
 
+README = HERE.parent / "README.md"
+README_MARKERS = ("<!-- her2st-table -->", "<!-- /her2st-table -->")
+README_ROWS = {
+    "stemst": "**stemst** (defaults; 20 samples x 25 DPM-Solver++ steps)",
+    "ridge_cv+ctx+smooth": "ridge, CV penalty, same features, + spatial smoothing",
+    "ridge_cv+ctx": "ridge, CV penalty, same features",
+    "knn+ctx": "kNN (k = 50), same features",
+    "mlp+ctx": "MLP, same features",
+    "ridge_cv": "ridge, CV penalty, own patch only",
+    "knn": "kNN (k = 50), own patch only",
+    "ridge_hest": "ridge, HEST-Benchmark penalty, own patch only",
+    "library_size (yardstick)": "library-size yardstick (reads the test spot's depth; not a method)",
+}
+
+
+def write_readme(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
+    """Replace the README's results table (between its markers) with this run's numbers."""
+    text = README.read_text()
+    start, stop = (text.index(m) for m in README_MARKERS)
+    a1 = df[df["test"] == "A1"].set_index("method")
+    lines = [
+        README_MARKERS[0],
+        f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min on {result['machine']}, {result['date']}; "
+        "tables in `docs/benchmarks_her2st.md`). HER2ST, 100-gene panel chosen on the training sections, "
+        "EfficientNet-Lite0 embeddings, log2(count + 1). Mean over leave-one-section-out C2-C6, and the "
+        "cross-patient split C2-C6 -> A1:",
+        "",
+        "| method | mean Pearson | RVD | MSE | coverage 50% / 90% | A1 mean Pearson |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, label in README_ROWS.items():
+        if name not in mean.index:
+            continue
+        row = mean.loc[name]
+        cov = (
+            f"{row['coverage_50']:.2f} / {row['coverage_90']:.2f}"
+            if "coverage_50" in row and pd.notna(row["coverage_50"])
+            else "-"
+        )
+        r_a1 = f"{a1.loc[name, 'mean_pearson']:.3f}" if name in a1.index else "-"
+        lines.append(f"| {label} | {row['mean_pearson']:.3f} | {row['rvd']:.3f} | {row['mse']:.3f} | {cov} | {r_a1} |")
+    README.write_text(text[:start] + "\n".join(lines) + "\n" + text[stop:])
+
+
 def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
-    """Markdown tables for the docs."""
+    """Markdown tables for the docs, and the README's table."""
+    write_readme(result, df, mean)
     cols = [c for c in METRICS + ["fit_s", "predict_s", "nfe_per_spot", "peak_rss_mb"] if c in df.columns]
     df = df.copy()
     df["nfe_per_spot"] = df["nfe_per_spot"].astype(int).astype(str)

@@ -58,7 +58,7 @@ def sdata(her2st_c):
 
 
 def held_out_pearson(sdata, model, key):
-    stemst.tl.predict(model, sdata, sections="C6", key_added=key, progress=False)
+    stemst.tl.predict(model, sdata, sections="C6", key_added=key, progress=False, overwrite=True)
     return stemst.tl.evaluate(sdata, pred_key=key, key_added=None).summary["mean_pearson"]
 
 

@@ -52,7 +52,7 @@ def model(embedded):
 def test_fit_beats_shuffled_control_on_heldout_section(embedded, model):
     table = embedded.tables["table"]
     truth = training_set(table, embedding_key=KEY, sections="C6", drop_empty=False)
-    key = predict(model, embedded, sections="C6", n_samples=8, rng=0, progress=False, steps=20)
+    key = predict(model, embedded, sections="C6", n_samples=8, rng=0, progress=False, steps=20, overwrite=True)
     pred = embedded.tables[key]
     r = np.nanmean(_pearson(pred.X, truth.Y))
 
@@ -67,7 +67,9 @@ def test_fit_beats_shuffled_control_on_heldout_section(embedded, model):
 
 def test_prediction_table_layout(embedded, model):
     n6 = int((embedded.tables["table"].obs["section"] == "C6").sum())
-    key = predict(model, embedded, sections="C6", n_samples=4, rng=1, progress=False, sampler="ddim", steps=10)
+    key = predict(
+        model, embedded, sections="C6", n_samples=4, rng=1, progress=False, sampler="ddim", steps=10, overwrite=True
+    )
     pred = embedded.tables[key]
     assert key == "stemst_prediction"
     assert pred.shape == (n6, model.n_genes) and list(pred.var_names) == model.genes

@@ -438,6 +438,12 @@ def check_table_key_free(sdata: Any, key: str, *, overwrite: bool = False, count
     >>> sdata = sd.SpatialData(tables={"table": ad.AnnData()})
     >>> check_table_key_free(sdata, "prediction")
     """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+        raise StemstDataError(
+            f"key_added={key!r} is not a valid SpatialData name: use only letters, digits, '_', '.' and '-'."
+        )
     if key == counts_key:
         raise StemstDataError(
             f"key_added={key!r} is the counts table; writing there would destroy the raw counts. "
