@@ -113,3 +113,23 @@ def test_spread_calibration_scales_deviations_from_the_network_mean():
     expected = head + m.y_mean + m.spread * (raw - head - centre)
     torch.testing.assert_close(cal, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m.mean(c[:5]), head + m.y_mean)  # weight 0: the head plus the mean residual
+
+
+def test_batch_capped_resume_checked_and_files_named(embedded, model, tmp_path):
+    with pytest.warns(stemst.StemstWarning, match="exceeds"):
+        m = fit(embedded, sections=TRAIN, steps=2, batch_size=100_000, validation=None, **FAST)
+    assert m.training["batch_size"] == m.training["n_spots"]
+    kw = dict(sections=TRAIN, steps=4, validation=None, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **FAST)
+    fit(embedded, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(embedded, resume=True, **{**kw, "batch_size": 64})
+    with pytest.raises(ValueError, match="int rng"):
+        fit(embedded, resume=True, rng=np.random.default_rng(0), **kw)
+    path = model.save(tmp_path / "m")
+    weights = path / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(stemst.StemstFileError, match="weights.pt"):
+        stemst.tl.StemstModel.load(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(stemst.StemstFileError, match="config.json"):
+        stemst.tl.StemstModel.load(path)

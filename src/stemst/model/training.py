@@ -25,6 +25,7 @@ from torch import nn
 
 from stemst._logging import logger
 from stemst._torch import resolve_device, torch_generator
+from stemst._utils import reading
 from stemst.model.config import TrainingConfig
 from stemst.model.module import DiffusionModel
 
@@ -147,6 +148,10 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: training settings a resumed run may change (the rest must match the checkpoint's)
+RESUMABLE = ("steps", "epochs", "log_every", "checkpoint_every")
+
+
 def _run_description(module: DiffusionModel, run_info: dict[str, Any] | None) -> dict[str, Any]:
     """Return the settings a checkpoint must share with a run that resumes from it, JSON-normalised."""
     desc = {
@@ -245,13 +250,16 @@ def train(
     ema = copy.deepcopy(module).eval().requires_grad_(False)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch_generator(config.seed, dev)
-    run = _run_description(module, run_info)
+    run = _run_description(
+        module, {**(run_info or {}), **{k: v for k, v in config.as_dict().items() if k not in RESUMABLE}}
+    )
     history: list[dict[str, float]] = []
     step = 0
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     last_ckpt = None
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        with reading(ckpt, "training checkpoint", hint="Delete it to start afresh, or point checkpoint_dir elsewhere."):
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
         old = json.loads(state["run"])
         diff = [k for k in sorted(run.keys() | old.keys()) if old.get(k) != run.get(k)]
         if diff:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from stemst._errors import warn
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
 from stemst._schema import embedding_key as _embedding_key
 from stemst._utils import RNGLike, as_seed
@@ -196,6 +198,8 @@ def fit(
         dropout=dropout or 0.0,
         learn_variance=learn_variance,
     )
+    if resume and not isinstance(rng, int | np.integer):
+        raise ValueError("resume=True needs an int rng (a seed): a generator's state cannot be checked to match.")
     if head and augment:
         raise ValueError("augment=True needs head=False: the mean head works on one embedding per spot.")
     diffusion = DiffusionConfig(
@@ -247,6 +251,12 @@ def fit(
     fit_rows = torch.as_tensor(groups != held) if held is not None else torch.ones(ts.n_spots, dtype=torch.bool)
     rows = fit_rows.repeat_interleave(len(pairs) // ts.n_spots)
     module.set_statistics(cond[rows], y[fit_rows], projection=not diffusion.head_pcs)
+    if training.batch_size > int(rows.sum()):
+        warn(
+            f"batch_size={training.batch_size} exceeds the {int(rows.sum())} training pairs; using "
+            f"{int(rows.sum())} (a larger batch only repeats pairs and costs time and memory)."
+        )
+        training = replace(training, batch_size=int(rows.sum()))
     training = training.resolved(int(rows.sum()))
     about = {"genes": ts.genes, "embedding_key": embedding_key, "transform": transform}
     record.update({**training.as_dict(), **facts})

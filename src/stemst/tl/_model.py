@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from stemst._torch import resolve_device, torch_generator
-from stemst._utils import RNGLike
+from stemst._utils import RNGLike, read_json, reading
 from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
 from stemst.model.networks import n_parameters
 from stemst.model.samplers import step_grid
@@ -299,7 +299,7 @@ class StemstModel(Predictor):
         path = Path(path)
         if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{path} is not a saved stemst model (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        meta = read_json(path / CONFIG_FILE, what="stemst model settings")
         version = meta.get("format_version")
         if version not in (1, FORMAT_VERSION):
             writer = f"stemst {meta['stemst_version']}" if "stemst_version" in meta else "an unknown stemst version"
@@ -307,7 +307,11 @@ class StemstModel(Predictor):
                 f"{path} is in model format {version}, written by {writer}; this stemst reads formats 1 to "
                 f"{FORMAT_VERSION}. Load it with the stemst version that wrote it, or upgrade stemst."
             )
-        config, state = meta["config"], torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        with reading(
+            path / WEIGHTS_FILE, "stemst model weights", hint="Save the model again, or copy the folder anew."
+        ):
+            state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        config = meta["config"]
         if version == 1:
             config, state = _upgrade_format_1(config, state)
         return cls.from_config(config, state, history=meta.get("history")).to(device)
