@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from stemst._errors import warn
 from stemst._logging import logger
 from stemst._schema import (
     INSTANCE_KEY,
@@ -33,6 +34,26 @@ STD_LAYER = "std"
 COUNTS_LAYER = "counts"
 #: obsm slot with the samples, ``(n_spots, n_samples, n_genes)``
 SAMPLES_KEY = "samples"
+
+
+def _check_resolution(model: Predictor, src: ad.AnnData) -> None:
+    """Warn when the patches to predict were read at a resolution far from the training patches' (> 1.5x)."""
+    trained = model.encoder.get("level_mpp") or {}
+    if not isinstance(trained, dict) or not trained:
+        return
+    seen = getattr(model, "training", {}).get("sections") or list(trained)
+    ref = [float(v) for k, v in trained.items() if k in seen] or [float(v) for v in trained.values()]
+    ref_mpp = float(np.median(ref))
+    now = src.uns.get(UNS_KEY, {}).get("embeddings", {}).get(model.embedding_key, {}).get("level_mpp") or {}
+    present = set(src.obs["section"].astype(str)) if "section" in src.obs else set(now)
+    for section, mpp in dict(now).items():
+        ratio = float(mpp) / ref_mpp
+        if section in present and max(ratio, 1 / ratio) > 1.5:
+            warn(
+                f"Section {section!r} was embedded at {float(mpp):.2f} µm/px, the model's training sections at "
+                f"{ref_mpp:.2f} µm/px ({ratio:.1f}x): the encoder sees tissue at another scale than in training, "
+                "and predictions may be poor. Use an image of the training resolution if there is one."
+            )
 
 
 def predict(
@@ -109,6 +130,7 @@ def predict(
         raise StemstDataError(f"No spots selected (sections={sections!r}).")
     src = src[mask]
     model.check_table(src)
+    _check_resolution(model, src)
     X = get_embeddings(src, model.embedding_key)
     n_draw = n_samples if model.stochastic else 1
     logger.info("Predicting %d spots x %d genes with %s (%d samples)", len(X), model.n_genes, model.method, n_draw)
