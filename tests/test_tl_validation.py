@@ -136,16 +136,20 @@ def test_batch_capped_resume_checked_and_files_named(embedded, model, tmp_path):
 
 
 def test_predict_warns_on_resolution_mismatch(embedded, model):
+    import copy
+
     table = embedded.tables["table"]
     c6 = table[table.obs["section"] == "C6"].copy()
-    info = c6.uns["stemst"]["embeddings"][model.embedding_key]
-    c6.uns["stemst"]["embeddings"][model.embedding_key] = {**info, "level_mpp": {**info["level_mpp"], "C6": 3.2}}
+    trained = copy.copy(model)
+    trained.encoder = {**model.encoder, "level_mpp": dict.fromkeys([*TRAIN, "C6"], 0.69)}
+    info = dict(c6.uns["stemst"]["embeddings"][model.embedding_key])
+    c6.uns["stemst"]["embeddings"][model.embedding_key] = {**info, "level_mpp": {"C6": 3.2}}
     with pytest.warns(stemst.StemstWarning, match="C6.*3.20 µm/px"):
-        predict(model, c6, n_samples=2, progress=False)
+        predict(trained, c6, n_samples=2, progress=False)
 
 
 def test_predict_image_leaves_sdata_unchanged_on_failure(embedded, model):
     shapes, tables = set(embedded.shapes), set(embedded.tables)
-    with pytest.raises(Exception):
+    with pytest.raises((KeyError, ValueError), match="no_such_encoder"):
         stemst.tl.predict_image(model, embedded, "C6", spacing_um=400, encoder="no_such_encoder", progress=False)
     assert set(embedded.shapes) == shapes and set(embedded.tables) == tables

@@ -91,7 +91,7 @@ def fit(
     clip_margin: float | None = 0.1,
     steps: int | None = None,
     epochs: float | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     lr: float | None = None,
     weight_decay: float = 0.0,
     lr_schedule: LRSchedule = "constant",
@@ -155,8 +155,9 @@ def fit(
         The diffusion (:class:`~stemst.model.DiffusionConfig`). ``"v"``-prediction (default) gave clearly better
         held-out correlations than the paper's ``"eps"`` after minutes of CPU training on HER2ST.
     steps, epochs, batch_size, lr, weight_decay, lr_schedule, warmup_steps, max_grad_norm, ema_decay, log_every
-        Optimisation (:class:`~stemst.model.TrainingConfig`): 2000 steps unless ``steps`` or ``epochs`` (passes over
-        the pairs) is given; ``lr=None``: 1e-4 for the transformer (the paper's), 1e-3 for the MLP.
+        Optimisation (:class:`~stemst.model.TrainingConfig`): at most 2000 steps unless ``steps`` or ``epochs``
+        (passes over the pairs) is given; ``batch_size=None``: 256, or all pairs when there are fewer (a larger
+        explicit one is capped with a warning); ``lr=None``: 1e-4 for the transformer (the paper's), 1e-3 for the MLP.
     checkpoint_dir, checkpoint_every, resume
         Write ``checkpoint.pt`` atomically every ``checkpoint_every`` steps; with ``resume``, continue from it
         exactly as if the run had never stopped (the settings must match).
@@ -216,7 +217,7 @@ def fit(
     training = TrainingConfig(
         steps=steps,
         epochs=epochs,
-        batch_size=batch_size,
+        batch_size=256 if batch_size is None else batch_size,
         lr=network.default_lr if lr is None else lr,
         weight_decay=weight_decay,
         lr_schedule=lr_schedule,
@@ -251,7 +252,9 @@ def fit(
     fit_rows = torch.as_tensor(groups != held) if held is not None else torch.ones(ts.n_spots, dtype=torch.bool)
     rows = fit_rows.repeat_interleave(len(pairs) // ts.n_spots)
     module.set_statistics(cond[rows], y[fit_rows], projection=not diffusion.head_pcs)
-    if training.batch_size > int(rows.sum()):
+    if batch_size is None:
+        training = replace(training, batch_size=min(training.batch_size, int(rows.sum())))
+    elif training.batch_size > int(rows.sum()):
         warn(
             f"batch_size={training.batch_size} exceeds the {int(rows.sum())} training pairs; using "
             f"{int(rows.sum())} (a larger batch only repeats pairs and costs time and memory)."
