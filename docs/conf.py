@@ -45,7 +45,6 @@ nb_merge_streams = True
 
 html_theme = "sphinx_book_theme"
 html_title = "stemst"
-html_static_path = ["_static"]
 html_theme_options = {"repository_url": "https://github.com/stemst/stemst", "use_repository_button": True}
 
 # the docs build offline: no intersphinx inventories
