@@ -153,3 +153,14 @@ def test_predict_image_leaves_sdata_unchanged_on_failure(embedded, model):
     with pytest.raises((KeyError, ValueError), match="no_such_encoder"):
         stemst.tl.predict_image(model, embedded, "C6", spacing_um=400, encoder="no_such_encoder", progress=False)
     assert set(embedded.shapes) == shapes and set(embedded.tables) == tables
+
+
+def test_predict_image_computes_the_grid_context_for_a_context_model(embedded, model):
+    key = stemst.tl.predict_image(model, embedded, "C6", spacing_um=400, n_samples=2, steps=5, progress=False)
+    grid = embedded.tables["C6_grid_table"]
+    assert model.embedding_key in grid.obsm and f"{KEY}_ring2" in grid.obsm
+    assert grid.obsm[model.embedding_key].shape == (grid.n_obs, model.embedding_dim)
+    pred = embedded.tables[key]
+    assert pred.n_obs == grid.n_obs > 20 and np.isfinite(pred.X).all()
+    with pytest.raises(StemstDataError, match="overwrite"):
+        stemst.tl.predict_image(model, embedded, "C6", spacing_um=400, progress=False)

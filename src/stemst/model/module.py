@@ -156,9 +156,7 @@ class DiffusionModel(nn.Module):
         """
         if projection:
             self.set_projection(cond)
-        y = y.float()
-        if self.diffusion.head_pcs:
-            y = self.target(y, cond.float())
+        y = self.target(y.float(), cond.float())
         if self.diffusion.target_scaling == "standardize":
             self.y_mean.copy_(y.mean(0))
             self.y_std.copy_(y.std(0).clamp_min(1e-3))

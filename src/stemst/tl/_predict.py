@@ -16,6 +16,7 @@ from stemst._schema import (
     PANEL_KEY,
     PREDICTION_KEY,
     REGION_KEY,
+    SECTION_KEY,
     SPATIAL_KEY,
     TABLE_KEY,
     UNS_KEY,
@@ -45,7 +46,7 @@ def _check_resolution(model: Predictor, src: ad.AnnData) -> None:
     ref = [float(v) for k, v in trained.items() if k in seen] or [float(v) for v in trained.values()]
     ref_mpp = float(np.median(ref))
     now = src.uns.get(UNS_KEY, {}).get("embeddings", {}).get(model.embedding_key, {}).get("level_mpp") or {}
-    present = set(src.obs["section"].astype(str)) if "section" in src.obs else set(now)
+    present = set(src.obs[SECTION_KEY].astype(str)) if SECTION_KEY in src.obs else set(now)
     for section, mpp in dict(now).items():
         ratio = float(mpp) / ref_mpp
         if section in present and max(ratio, 1 / ratio) > 1.5:
@@ -241,7 +242,7 @@ def predict_image(
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
 
-    from stemst._schema import SECTION_KEY, section_info
+    from stemst._schema import section_info
     from stemst.pp import embed_patches, grid_spots, spatial_context
 
     if encoder is None and not model.encoder.get("encoder"):

@@ -85,9 +85,9 @@ class EarlyStopping:
     seed: int = 0
     best: float = float("inf")
     best_step: int = 0
+    since_best: int = 0  #: evaluations since the best one
     best_state: dict[str, torch.Tensor] | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
-    _next: int = 0
 
     @torch.no_grad()
     def loss(self, module: DiffusionModel) -> float:
@@ -101,19 +101,17 @@ class EarlyStopping:
         return total / self.repeats
 
     def __call__(self, state: TrainingState) -> bool:
-        if state.step < self._next:
+        if self.curve and state.step < self.curve[-1]["step"] + self.every:
             return False
-        self._next = state.step + self.every
         value = self.loss(state.ema)
         state.history[-1]["val_mse"] = value
         self.curve.append({"step": state.step, "val_mse": value})
         if value < self.best:
-            self.best, self.best_step = value, state.step
+            self.best, self.best_step, self.since_best = value, state.step, 0
             self.best_state = copy.deepcopy(state.ema.state_dict())
-        return (
-            len(self.curve) - 1 - next(i for i, e in enumerate(self.curve) if e["step"] == self.best_step)
-            >= self.patience
-        )
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
 
     def restore(self, module: DiffusionModel) -> None:
         """Load the best weights seen into ``module``."""
