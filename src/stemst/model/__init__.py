@@ -7,6 +7,7 @@ One module per concept:
 - :mod:`~stemst.model.samplers`: ancestral, DDIM and DPM-Solver++(2M) over a step grid, and their registry;
 - :mod:`~stemst.model.networks`: the denoisers (gene-token transformer, residual MLP);
 - :mod:`~stemst.model.module`: :class:`DiffusionModel`, the network with its schedule and statistics;
+- :mod:`~stemst.model.joint`: :class:`JointDiffusionModel`, which denoises a spot with its neighbours;
 - :mod:`~stemst.model.training`: the training loop;
 - :mod:`~stemst.model.config`: the settings, grouped and validated.
 
@@ -14,11 +15,13 @@ One module per concept:
 """
 
 from .config import DiffusionConfig, NetworkConfig, TrainingConfig
+from .joint import JointDiffusionModel
 from .module import DiffusionModel
 from .training import TrainingResult, TrainingState, ema_decay_at, ema_update, lr_at, train, train_step
 
 __all__ = [
     "DiffusionModel",
+    "JointDiffusionModel",
     "NetworkConfig",
     "DiffusionConfig",
     "TrainingConfig",

@@ -18,7 +18,7 @@ from torch import nn
 from stemst.model.losses import PARAMETERIZATIONS, Parameterization
 from stemst.model.networks import ARCHITECTURES, DEFAULTS
 
-Architecture = Literal["mlp", "transformer"]
+Architecture = Literal["mlp", "transformer", "neighbourhood"]
 TargetScaling = Literal["standardize", "none"]
 LRSchedule = Literal["constant", "cosine"]
 
@@ -70,7 +70,9 @@ class NetworkConfig(_Config):
         _at_least("mlp_ratio", self.mlp_ratio, 0)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.architecture == "transformer" and self.width % self.heads:
+        if self.architecture == "neighbourhood" and self.learn_variance:
+            object.__setattr__(self, "learn_variance", False)  # trained on the simple loss only
+        if self.architecture != "mlp" and self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads}).")
 
     @property

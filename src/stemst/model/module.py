@@ -134,7 +134,7 @@ class DiffusionModel(nn.Module):
         """Return the mean head's prediction ``(n, n_genes)`` on the transform's scale (zeros when there is no head)."""
         if not self.diffusion.head_pcs:
             return torch.zeros((len(cond), self.n_genes), device=cond.device)
-        return self.pca_scores(cond)[:, : self.diffusion.head_pcs] @ self.head_coef + self.head_bias
+        return self.pca_scores(cond)[..., : self.diffusion.head_pcs] @ self.head_coef + self.head_bias
 
     def target(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Return what the diffusion models: ``y`` minus the mean head's prediction (``y`` itself without a head)."""
@@ -169,7 +169,7 @@ class DiffusionModel(nn.Module):
         """Raw conditions ``(n, cond_dim)`` as the network sees them: standardised, or whitened top PCs."""
         k = self.diffusion.cond_pcs
         if k:
-            return self.pca_scores(cond)[:, :k] / self.pca_sd[:k]
+            return self.pca_scores(cond)[..., :k] / self.pca_sd[:k]
         return (cond - self.emb_mean) / self.emb_std
 
     def _regularize(self, c: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -177,7 +177,7 @@ class DiffusionModel(nn.Module):
         if not self.training or (d.cond_noise == 0 and d.cond_dropout == 0):
             return c
         noise = torch.randn(c.shape, generator=generator, device=c.device)
-        keep = torch.rand((len(c), 1), generator=generator, device=c.device) >= d.cond_dropout
+        keep = torch.rand((*c.shape[:-1], 1), generator=generator, device=c.device) >= d.cond_dropout
         return (c + d.cond_noise * noise) * keep
 
     def to_network(self, y: torch.Tensor) -> torch.Tensor:
@@ -235,9 +235,16 @@ class DiffusionModel(nn.Module):
         ``c`` is the standardised condition (:meth:`condition`). With ``clip``, the data prediction is clipped to
         the training range widened by ``clip_margin`` and the noise estimate made consistent with it.
         """
-        sched = self.schedule
         with autocast(x.device):
             raw, v = self.net(x, t, c)
+        x0, eps = self._prediction(raw, x, t, clip=clip)
+        return x0, eps, (v.float() if v is not None else None)
+
+    def _prediction(
+        self, raw: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *, clip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, eps_hat)`` from the network's output, the data prediction clipped (see :meth:`denoise`)."""
+        sched = self.schedule
         x0, eps = denoised(sched, raw.float(), x, t, self.diffusion.parameterization)
         bounds = self._clip_range() if clip else None
         if bounds is not None:
@@ -245,7 +252,7 @@ class DiffusionModel(nn.Module):
             abar = sched.alphas_cumprod[t].float()[:, None]
             eps = torch.where(x0c == x0, eps, (x - abar.sqrt() * x0c) / (1 - abar).sqrt())
             x0 = x0c
-        return x0, eps, (v.float() if v is not None else None)
+        return x0, eps
 
     @torch.no_grad()
     def network_mean(self, c: torch.Tensor) -> torch.Tensor:

@@ -93,17 +93,17 @@ class GeneAttentionBlock(nn.Module):
         )
         self.ada = AdaLNZero(width, 6)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-head self-attention across the tokens of ``x`` ``(B, N, width)``."""
+    def attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Multi-head self-attention across the tokens of ``x`` ``(B, N, width)`` (``mask`` ``(B, N)``: keys used)."""
         b, n, w = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
         return self.out(y.transpose(1, 2).reshape(b, n, w))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, N, width)`` modulated by ``c`` ``(B, width)`` -> tokens."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``(B, N, width)`` modulated by ``c`` ``(B, width)`` -> tokens (``mask``: see :meth:`attention`)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
-        x = x + _gate(gate1, self.attention(_modulate(self.norm1(x), shift1, scale1)))
+        x = x + _gate(gate1, self.attention(_modulate(self.norm1(x), shift1, scale1), mask))
         return x + _gate(gate2, self.mlp(_modulate(self.norm2(x), shift2, scale2)))
 
 
@@ -228,13 +228,70 @@ class ResidualMLP(nn.Module):
         return out[:, : self.n_genes], torch.tanh(out[:, self.n_genes :])
 
 
+class NeighbourhoodTransformer(nn.Module):
+    """A joint denoiser of a spot and its neighbours: one token per spot, attention among the spots.
+
+    Token ``k`` of a neighbourhood is ``Linear(x_k) + MLP(condition_k) + MLP(offset_k)``: the spot's noisy values,
+    its own image condition and its position relative to the centre spot (token 0) in grid steps. The diffusion
+    step modulates every block (adaLN-Zero); padded tokens are masked out of the attention.
+
+    Parameters
+    ----------
+    n_genes, cond_dim, width, depth, heads, mlp_ratio
+        As for :class:`GeneTransformer`.
+    learn_variance
+        Must be ``False``: the joint model is trained on the simple loss only.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        cond_dim: int,
+        *,
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        learn_variance: bool = False,
+    ) -> None:
+        super().__init__()
+        if learn_variance:
+            raise ValueError("The neighbourhood denoiser has no learned variance; use learn_variance=False.")
+        self.learn_variance = False
+        self.freq_dim = 256
+        self.inp = nn.Linear(n_genes, width)
+        self.image = _mlp(cond_dim, width, width)
+        self.position = _mlp(2, width, width)
+        self.time = _mlp(self.freq_dim, width, width)
+        self.blocks = nn.ModuleList([GeneAttentionBlock(width, heads, mlp_ratio) for _ in range(depth)])
+        self.final = FinalLayer(width, n_genes)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        """Apply the network: mean output ``(B, K, G)`` and ``None``.
+
+        ``x`` ``(B, K, G)``, ``t`` ``(B,)``, ``emb`` ``(B, K, D)``, ``offsets`` ``(B, K, 2)``, ``valid`` ``(B, K)``.
+        """
+        c = self.time(timestep_embedding(t, self.freq_dim))
+        h = self.inp(x) + self.image(emb) + self.position(offsets)
+        for block in self.blocks:
+            h = block(h, c, valid)
+        return self.final(h, c), None
+
+
 #: the denoisers by name
-ARCHITECTURES: dict[str, type[nn.Module]] = {"transformer": GeneTransformer, "mlp": ResidualMLP}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "transformer": GeneTransformer,
+    "mlp": ResidualMLP,
+    "neighbourhood": NeighbourhoodTransformer,
+}
 
 #: default sizes per architecture (the transformer's are the paper's)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "transformer": {"depth": 12, "width": 384, "heads": 6, "mlp_ratio": 4.0},
     "mlp": {"depth": 3, "width": 256, "heads": 1, "mlp_ratio": 2.0},
+    "neighbourhood": {"depth": 2, "width": 128, "heads": 4, "mlp_ratio": 2.0},
 }
 
 

@@ -48,6 +48,54 @@ def spot_spacing(coords: np.ndarray) -> float:
     return spacing
 
 
+def neighbourhoods(
+    coords: np.ndarray, sections: np.ndarray | None = None, *, size: int = 9
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each spot's neighbourhood for the joint model: itself and its ring-1 neighbours, within its section.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` spot centres.
+    sections
+        ``(n,)`` section of each spot (neighbourhoods never cross sections); ``None``: one section.
+    size
+        Tokens per neighbourhood (the spot and up to ``size - 1`` nearest neighbours within 1.5 grid steps).
+
+    Returns
+    -------
+    ``neighbours`` ``(n, size)`` row indices (column 0 the spot itself, ``-1`` padding) and ``offsets``
+    ``(n, size, 2)`` float32 positions relative to the spot, in grid steps.
+
+    Examples
+    --------
+    >>> xy = np.array([[x, y] for x in range(3) for y in range(3)], float)
+    >>> nb, off = neighbourhoods(xy)
+    >>> nb[4, 0], int((nb[4] >= 0).sum()), int((nb[0] >= 0).sum())
+    (np.int64(4), 9, 4)
+    """
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords, dtype=np.float64)
+    sections = np.zeros(len(coords), int) if sections is None else np.asarray(sections)
+    neighbours = np.full((len(coords), size), -1, dtype=np.int64)
+    offsets = np.zeros((len(coords), size, 2), dtype=np.float32)
+    for s in dict.fromkeys(sections.tolist()):
+        idx = np.flatnonzero(sections == s)
+        if len(idx) < 2:
+            neighbours[idx, 0] = idx
+            continue
+        spacing = spot_spacing(coords[idx])
+        k = min(size, len(idx))
+        dist, j = cKDTree(coords[idx]).query(coords[idx], k=k, distance_upper_bound=1.5 * spacing * (1 + 1e-6))
+        ok = np.isfinite(dist)
+        rows = np.where(ok, idx[np.minimum(j, len(idx) - 1)], -1)
+        neighbours[idx, :k] = rows
+        rel = (coords[np.maximum(rows, 0)] - coords[idx][:, None]) / spacing
+        offsets[idx, :k] = np.where(ok[..., None], rel, 0.0)
+    return neighbours, offsets
+
+
 def ring_graphs(adata: ad.AnnData, n_rings: int, spacing: float) -> list[sp.csr_matrix]:
     """Row-normalised adjacency of ring ``k = 1..n_rings``: neighbours at ``(k - 0.5, k + 0.5]`` spacings.
 

@@ -15,12 +15,21 @@ from stemst._errors import warn
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
 from stemst._schema import embedding_key as _embedding_key
 from stemst._utils import RNGLike, as_seed
-from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig, TrainingConfig, TrainingState, train
+from stemst.model import (
+    DiffusionConfig,
+    DiffusionModel,
+    JointDiffusionModel,
+    NetworkConfig,
+    TrainingConfig,
+    TrainingState,
+    train,
+)
 from stemst.model.config import Architecture, LRSchedule, TargetScaling
+from stemst.model.joint import gather, pack
 from stemst.model.losses import Parameterization
 from stemst.tl._data import TrainingSet, as_tables, training_pairs
 from stemst.tl._model import StemstModel
-from stemst.tl._validation import EarlyStopping, holdout_groups, prepare_head
+from stemst.tl._validation import EarlyStopping, holdout_groups, joint_space, prepare_head
 from stemst.tl._validation import calibrate as calibrate_spread
 
 
@@ -201,8 +210,11 @@ def fit(
     )
     if resume and not isinstance(rng, int | np.integer):
         raise ValueError("resume=True needs an int rng (a seed): a generator's state cannot be checked to match.")
-    if head and augment:
-        raise ValueError("augment=True needs head=False: the mean head works on one embedding per spot.")
+    if augment and (head or architecture == "neighbourhood"):
+        raise ValueError(
+            "augment=True needs head=False and a per-spot network: the mean head and the joint model work on one "
+            "embedding per spot."
+        )
     diffusion = DiffusionConfig(
         n_diffusion_steps,
         parameterization=parameterization,
@@ -242,9 +254,10 @@ def fit(
     groups, held = holdout_groups(ts, validation)
     cond, y = torch.as_tensor(pairs), torch.as_tensor(ts.Y)
     diffusion = diffusion.fitted(len(ts.X), ts.X.shape[1])
+    joint = network.architecture == "neighbourhood"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(training.seed)
-        module = DiffusionModel(len(ts.genes), pairs.shape[1], network, diffusion)
+        module = (JointDiffusionModel if joint else DiffusionModel)(len(ts.genes), pairs.shape[1], network, diffusion)
     record: dict[str, Any] = {"validation": held}
     if diffusion.head_pcs:
         residuals, record["head"] = prepare_head(module, cond, ts.Y, groups)
@@ -261,6 +274,9 @@ def fit(
         )
         training = replace(training, batch_size=int(rows.sum()))
     training = training.resolved(int(rows.sum()))
+    space = joint_space(ts) if joint else None
+    if space is not None:  # each training row becomes a neighbourhood: the spot and its ring-1 neighbours
+        cond, y = pack(cond, *space), gather(y, space[0])
     about = {"genes": ts.genes, "embedding_key": embedding_key, "transform": transform}
     record.update({**training.as_dict(), **facts})
     stopper = None
@@ -294,6 +310,11 @@ def fit(
         if calibrate and diffusion.head_pcs:
             held_rows = ~fit_rows.numpy()
             record["calibration"] = calibrate_spread(
-                result.ema, cond[~rows], residuals[held_rows], ts.Y[held_rows], seed=training.seed
+                result.ema,
+                torch.as_tensor(pairs)[~rows],
+                residuals[held_rows],
+                ts.Y[held_rows],
+                seed=training.seed,
+                space=joint_space(ts, held_rows) if joint else None,
             )
     return wrap(result.ema, result.steps, result.history)

@@ -15,7 +15,7 @@ import torch
 
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import RNGLike, read_json, reading
-from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
+from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig
 from stemst.model.networks import n_parameters
 from stemst.model.samplers import step_grid
 from stemst.tl._base import Predictor
@@ -69,6 +69,11 @@ class StemstModel(Predictor):
     method = "stemst"
     stochastic = True
 
+    @property
+    def spatial(self) -> bool:
+        """Whether sampling needs the spots' neighbourhoods (the joint model): :func:`stemst.tl.predict` passes them."""
+        return isinstance(self.module, JointDiffusionModel)
+
     def __init__(
         self,
         module: DiffusionModel,
@@ -115,7 +120,8 @@ class StemstModel(Predictor):
         history: list[dict[str, float]] | None = None,
     ) -> StemstModel:
         """Rebuild a model from :attr:`config` and, if given, the module's ``state_dict``."""
-        module = DiffusionModel(
+        kind = JointDiffusionModel if config["network"].get("architecture") == "neighbourhood" else DiffusionModel
+        module = kind(
             len(config["genes"]),
             int(config["cond_dim"]),
             NetworkConfig(**config["network"]),
@@ -163,6 +169,8 @@ class StemstModel(Predictor):
         rng: RNGLike = None,
         progress: bool = True,
         clip: bool = True,
+        coords: np.ndarray | None = None,
+        sections: np.ndarray | None = None,
         **kwargs: Any,
     ) -> np.ndarray:
         """Draw expression samples for each spot.
@@ -191,6 +199,10 @@ class StemstModel(Predictor):
         clip
             Clip the data prediction to the training range (widened by the ``clip_margin`` of the diffusion
             settings) at every step.
+        coords, sections
+            ``(n, 2)`` spot centres and ``(n,)`` sections: the joint model (:attr:`spatial`) samples every section's
+            spots together, each with its ring-1 neighbours (:func:`stemst.pp._context.neighbourhoods`); without
+            them each spot is sampled alone. Ignored by the per-spot model.
         **kwargs
             Passed to :meth:`stemst.model.DiffusionModel.sample` (``spacing``; ``eta`` for DDIM).
 
@@ -210,6 +222,12 @@ class StemstModel(Predictor):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
         batch_size = batch_size or self.module.default_batch_size
         total = math.ceil(len(X) * n_samples / batch_size) * len(grid)
+        if self.spatial and coords is not None:
+            from stemst.pp._context import neighbourhoods
+
+            nb, off = neighbourhoods(coords, sections)
+            kwargs.update(neighbours=torch.as_tensor(nb), offsets=torch.as_tensor(off))
+            total = math.ceil(n_samples / max(1, batch_size // len(X))) * len(grid)
         with tqdm(total=total, desc=f"sampling ({sampler})", disable=not progress, leave=False) as bar:
             y = self.module.sample(
                 torch.as_tensor(X),

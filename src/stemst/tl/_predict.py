@@ -135,6 +135,9 @@ def predict(
     X = get_embeddings(src, model.embedding_key)
     n_draw = n_samples if model.stochastic else 1
     logger.info("Predicting %d spots x %d genes with %s (%d samples)", len(X), model.n_genes, model.method, n_draw)
+    if getattr(model, "spatial", False) and SPATIAL_KEY in src.obsm:  # the joint model samples neighbourhoods
+        secs = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else None
+        sample_kwargs = {**sample_kwargs, "coords": np.asarray(src.obsm[SPATIAL_KEY])[:, :2], "sections": secs}
     samples = np.asarray(model.sample(X, n_samples=n_draw, rng=rng, progress=progress, **sample_kwargs), np.float32)
     if samples.shape != (n_draw, len(X), model.n_genes):
         raise RuntimeError(

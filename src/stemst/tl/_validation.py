@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from stemst._logging import logger
+from stemst._schema import StemstDataError
 from stemst.model import DiffusionModel, TrainingState
 from stemst.model.calibration import LEVELS, interval_hits, spread_scales
 from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, spatial_blocks
@@ -47,6 +48,17 @@ def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray,
     if validation not in names:
         raise ValueError(f"validation={validation!r} is not one of the training groups {names}.")
     return groups, validation
+
+
+def joint_space(ts: TrainingSet, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbourhoods (indices, offsets) of the training spots, or of the subset ``rows`` (indices local to it)."""
+    from stemst.pp._context import neighbourhoods
+
+    if ts.coords is None:
+        raise StemstDataError("The joint model needs the spot centres obsm['spatial'] of every training table.")
+    keep = np.ones(ts.n_spots, bool) if rows is None else rows
+    nb, off = neighbourhoods(ts.coords[keep], ts.sections[keep])
+    return torch.as_tensor(nb), torch.as_tensor(off)
 
 
 def prepare_head(
@@ -129,6 +141,7 @@ def calibrate(
     n_samples: int = 30,
     steps: int = 25,
     seed: int = 0,
+    space: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Choose the residual-mean weight and the per-gene spread on held-out spots; set them on ``module``.
 
@@ -146,7 +159,9 @@ def calibrate(
     weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
     module.set_calibration(weight, 1.0)
     gen = torch.Generator(module.device).manual_seed(seed)
-    samples = (module.sample(cond, n_samples=n_samples, steps=steps, generator=gen) - module.head(cond)).cpu().numpy()
+    joint = {} if space is None else {"neighbours": space[0], "offsets": space[1]}
+    drawn = module.sample(cond, n_samples=n_samples, steps=steps, generator=gen, **joint)
+    samples = (drawn - module.head(cond)).cpu().numpy()
     before = {f"coverage_{round(q * 100)}": float(interval_hits(samples, residuals, q).mean()) for q in LEVELS}
     scales = spread_scales(samples, residuals)
     module.set_calibration(weight, torch.as_tensor(scales, dtype=torch.float32))
