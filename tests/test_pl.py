@@ -134,5 +134,13 @@ def test_training_curve(tmp_path):
     val = pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0], "val_loss": [np.nan, 2.5, 1.5]})
     ax = stemst.pl.training_curve(val, show=False)
     assert len(ax.lines) == 3 and list(ax.lines[2].get_ydata()) == [2.5, 1.5]
+
+    class Stopped:  # a stemst model: held-out MSE every other record, the kept step marked
+        history = [{"step": s, "loss": 1.0, **({"val_mse": 0.9 + s / 100} if s % 2 else {})} for s in range(1, 7)]
+        training = {"early_stopping": {"best_step": 1}}
+
+    ax = stemst.pl.training_curve(Stopped(), show=False)
+    np.testing.assert_allclose(ax.lines[2].get_ydata(), [0.91, 0.93, 0.95])
+    assert list(ax.lines[3].get_xdata()) == [1, 1]
     with pytest.raises(ValueError, match="'step' and 'loss'"):
         stemst.pl.training_curve([{"epoch": 1}], show=False)

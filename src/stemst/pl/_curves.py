@@ -183,7 +183,8 @@ def training_curve(
     model
         Anything with a ``.history`` that converts to a DataFrame with ``step`` and ``loss`` columns (a list of dicts
         or a DataFrame), e.g. a :class:`~stemst.tl.StemstModel` or an MLP baseline; or such a history itself.
-        A ``val_loss`` column is drawn too.
+        A ``val_loss`` column (MLP baseline) or ``val_mse`` column (stemst's held-out loss, which stops training
+        early) is drawn too, with the step whose weights were kept.
     smooth
         Window (in records) of the centred rolling mean; default about 2% of the records, at least 1.
     log
@@ -220,9 +221,13 @@ def training_curve(
         lw=1.8,
         label=f"loss (mean of {window})",
     )
-    if "val_loss" in df.columns:
-        val = df.dropna(subset=["val_loss"])
-        ax.plot(val["step"], val["val_loss"], "o-", color="tab:orange", ms=3, lw=1.2, label="validation loss")
+    for col, label in (("val_loss", "validation loss"), ("val_mse", "held-out MSE")):
+        if col in df.columns:
+            val = df.dropna(subset=[col])
+            ax.plot(val["step"], val[col], "o-", color="tab:orange", ms=3, lw=1.2, label=label)
+    best = getattr(model, "training", {}).get("early_stopping", {}).get("best_step")
+    if best:
+        ax.axvline(best, color="tab:orange", ls=":", lw=1, label=f"weights kept (step {best})")
     if log and (df["loss"] > 0).all():
         ax.set_yscale("log")
     ax.set_xlabel("step")
