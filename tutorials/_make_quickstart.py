@@ -13,7 +13,7 @@ cells = [
 
 This tutorial predicts the expression of a gene panel at every spot of a held-out breast-cancer section from its H&E
 image alone, with stemst's diffusion model, and checks the prediction against the measured counts and against simpler
-methods. It runs on a laptop CPU in about 15 minutes.
+methods. It runs on a laptop CPU in about 15 minutes, most of it embedding the patches.
 
 Data: five serial sections (C2-C6) of one HER2-positive tumour, legacy Spatial Transcriptomics (100 µm spots),
 from Andersson et al., *Nature Communications* 2021. We train on C2-C5 and predict C6."""),
@@ -46,6 +46,14 @@ works offline; with access to the Hugging Face hub, pathology encoders such as U
 trains on them as extra pairs."""),
     code("""stemst.pp.embed_patches(sdata)
 table.obsm["X_efficientnet_lite0"].shape, table.obsm["X_efficientnet_lite0_views"].shape"""),
+    md("""## Add each spot's spatial context
+
+Neighbouring spots look alike and express alike. `stemst.pp.spatial_context` gives every spot its own embedding (the
+mean over its 8 views) together with the mean embedding of its ring-1 and ring-2 neighbours on the spot grid, each
+section standardised on its own. On validation sections inside C2-C5 this lifted a ridge regression's mean Pearson
+r from 0.538 to 0.573; `fit` uses these features when they exist."""),
+    code("""key_ctx = stemst.pp.spatial_context(sdata)
+key_ctx, table.obsm[key_ctx].shape"""),
     md("""## Choose the gene panel on the training sections only
 
 The paper's HMHVG rule: highly variable genes of each training section, then the genes that are both highly expressed
@@ -56,15 +64,18 @@ panel = table.var_names[table.var["stemst_panel"]].tolist()
 len(panel), panel[:10]"""),
     md("""## Train the diffusion model
 
-`stemst.tl.fit` trains the denoiser on (embedding, log2(count + 1) of the panel) pairs of the training sections.
-The defaults are sized for a CPU; on a GPU use the paper's gene-token transformer (`architecture="transformer"`)."""),
+`stemst.tl.fit` fits a mean head (reduced-rank ridge regression, its penalty chosen section by section) and a
+diffusion model of what the head misses. It holds out the last training section (C5): training stops when the
+held-out loss stops improving, and the spread of the samples is calibrated there so that their intervals mean what
+they say. `architecture="neighbourhood"` denoises each spot together with its neighbours (samples with spatial
+correlation, at three times the cost); on a GPU the paper's gene-token transformer is `architecture="transformer"`."""),
     code("""model = stemst.tl.fit(sdata, sections=TRAIN)
 model"""),
     code("""stemst.pl.training_curve(model);"""),
     md("""## Predict the held-out section
 
 `stemst.tl.predict` draws 20 samples per spot with a fast sampler and stores a new table linked to the same spots:
-`X` is the mean of the samples, `layers["std"]` their spread, `layers["counts"]` expected counts, and
+`X` is the model's mean (what the samples are centred on), `layers["std"]` the samples' spread, `layers["counts"]` expected counts, and
 `obsm["samples"]` the samples themselves."""),
     code("""key = stemst.tl.predict(model, sdata, sections=TEST)
 pred = sdata.tables[key]
@@ -72,7 +83,7 @@ pred"""),
     md("""## How good is it?
 
 `stemst.tl.evaluate` compares predicted with measured expression gene by gene. We also fit three baselines on the same
-embeddings and panel (ridge regression, k-nearest neighbours, a small MLP), and a *library-size yardstick* that
+features and panel (ridge regression, k-nearest neighbours, a small MLP), and a *library-size yardstick* that
 predicts each gene from the test spot's own measured depth: it is not a method (it reads the test counts), but it
 shows how much of a per-gene correlation on raw log counts is explained by spot depth alone. The `_norm` columns
 repeat every metric on library-normalised values."""),
@@ -81,7 +92,7 @@ for method in ["ridge", "knn", "mlp"]:
     baseline = stemst.tl.fit_baseline(sdata, method=method, sections=TRAIN, embedding_key=model.embedding_key)
     keys.append(stemst.tl.predict(baseline, sdata, sections=TEST))
 keys.append(stemst.tl.library_size_yardstick(sdata, train_sections=TRAIN, test_sections=[TEST], genes=model.genes))
-cols = ["mean_pearson", "pcc_10", "pcc_50", "mse", "rvd", "coverage_50", "coverage_90", "mean_pearson_norm"]
+cols = ["mean_pearson", "pcc_50", "mse", "rvd", "rvd_samples", "coverage_50", "coverage_90", "mean_pearson_norm"]
 stemst.tl.compare(sdata, keys)[cols].round(3)"""),
     code("""result = stemst.tl.evaluate(sdata, pred_key=key)
 top = result.per_gene.sort_values("pearson", ascending=False)
@@ -94,7 +105,8 @@ stemst.pl.expression_maps(sdata, genes, pred_key=key, section=TEST);"""),
     md("""The diffusion model's samples give each prediction an uncertainty:"""),
     code("""stemst.pl.uncertainty_map(sdata, genes[:2], pred_key=key, section=TEST);"""),
     md("""The gene variation curves of the paper: per-gene mean and variance across spots, predicted against measured.
-Regression shrinks the variance; sampling keeps it."""),
+Every point prediction (stemst's mean included) shrinks the variance across spots; single samples keep it
+(`rvd_samples` in the table above, against `rvd` of the means)."""),
     code("""stemst.pl.variation_curves(sdata, pred_key=key);"""),
     code("""stemst.pl.gene_correlation(sdata, pred_keys=keys[:-1]);"""),
     md("""## Downstream with scanpy and squidpy
