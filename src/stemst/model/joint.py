@@ -69,21 +69,29 @@ class JointDiffusionModel(DiffusionModel):
         return cond[..., :-EXTRA], cond[..., -EXTRA:-1], cond[..., -1] > 0.5
 
     def loss(
-        self, y: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None
+        self,
+        y: torch.Tensor,
+        cond: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the simple loss of every valid token of a batch of neighbourhoods (``y`` ``(B, K, G)``, ``cond`` packed).
 
-        All tokens of a neighbourhood share one diffusion step. Returns ``(loss, mse)`` per valid token.
+        All tokens of a neighbourhood share one diffusion step. Returns ``(loss, mse)`` per valid token (of the
+        neighbourhoods ``rows`` only, if given; the random draws are those of the whole batch).
         """
         sched = self.schedule.to(dtype=torch.float32)
         emb, offsets, valid = self._split(cond)
-        b, k, g = y.shape
         x0 = self.to_network(self.target(y, emb))
-        t = torch.randint(sched.n_steps, (b,), generator=generator, device=y.device)
+        t = torch.randint(sched.n_steps, (len(y),), generator=generator, device=y.device)
         noise = torch.randn(x0.shape, generator=generator, device=y.device)
+        c = self._regularize(self.condition(emb), generator)
+        if rows is not None:
+            x0, t, noise, c, offsets, valid = x0[rows], t[rows], noise[rows], c[rows], offsets[rows], valid[rows]
+        b, k, g = x0.shape
         tt = t.repeat_interleave(k)
         xt = q_sample(sched, x0.reshape(b * k, g), tt, noise.reshape(b * k, g)).reshape(b, k, g)
-        c = self._regularize(self.condition(emb), generator)
         with autocast(y.device):
             raw, _ = self.net(xt * valid[..., None], t, c, offsets, valid)
         keep = valid.reshape(-1)

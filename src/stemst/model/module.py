@@ -196,8 +196,24 @@ class DiffusionModel(nn.Module):
         return lo - self.diffusion.clip_margin * width, hi + self.diffusion.clip_margin * width
 
     # ---------------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        y: torch.Tensor,
+        cond: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        rows: slice | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the training loss (:meth:`loss`): what :class:`~torch.nn.parallel.DistributedDataParallel` runs."""
+        return self.loss(y, cond, generator=generator, rows=rows)
+
     def loss(
-        self, y: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None
+        self,
+        y: torch.Tensor,
+        cond: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hybrid loss (:func:`~stemst.model.losses.hybrid_loss`) of a batch, at random steps and noise.
 
@@ -209,17 +225,22 @@ class DiffusionModel(nn.Module):
             ``(B, cond_dim)`` raw conditions.
         generator
             Draws the time steps, then the noise (then, in training mode, the condition's noise and dropout).
+        rows
+            Compute the loss of these rows of the batch only (one process's share under data parallelism); the
+            random draws are those of the whole batch, so the shares of several processes make up the whole.
 
         Returns
         -------
-        ``(loss, mse)`` per sample, each ``(B,)``; train on ``loss.mean()``.
+        ``(loss, mse)`` per sample, each ``(B,)`` (or the rows'); train on ``loss.mean()``.
         """
         sched = self.schedule.to(dtype=torch.float32)
         x0 = self.to_network(self.target(y, cond))
         t = torch.randint(sched.n_steps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        xt = q_sample(sched, x0, t, noise)
         c = self._regularize(self.condition(cond), generator)
+        if rows is not None:
+            x0, t, noise, c = x0[rows], t[rows], noise[rows], c[rows]
+        xt = q_sample(sched, x0, t, noise)
         with autocast(x0.device):
             raw, v = self.net(xt, t, c)
         d = self.diffusion

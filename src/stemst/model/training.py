@@ -26,6 +26,7 @@ from torch import nn
 from stemst._logging import logger
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import reading
+from stemst.model import distributed
 from stemst.model.config import TrainingConfig
 from stemst.model.module import DiffusionModel
 
@@ -85,6 +86,7 @@ def train_step(
     step: int,
     config: TrainingConfig,
     generator: torch.Generator,
+    parallel: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch drawn from the training pairs, then the EMA update.
 
@@ -102,24 +104,38 @@ def train_step(
         The training settings.
     generator
         Draws the batch, then (in :meth:`~stemst.model.DiffusionModel.loss`) the time steps and the noise.
+    parallel
+        ``module`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` (:func:`stemst.model.distributed.wrap`):
+        every process draws the same global batch and computes the loss of its share of the rows; the gradient is
+        weighted so that the step equals one process's step on the whole batch.
 
     Returns
     -------
-    The batch's mean loss and mean squared error, detached.
+    The (global) batch's mean loss and mean squared error, detached.
     """
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
     idx = torch.randint(len(cond), (config.batch_size,), generator=generator, device=cond.device)
-    loss, mse = module.loss(y[idx // (len(cond) // len(y))], cond[idx], generator=generator)
-    loss = loss.mean()
+    y_b, c_b = y[idx // (len(cond) // len(y))], cond[idx]
+    if parallel is None:
+        loss, mse = module.loss(y_b, c_b, generator=generator)
+        objective, loss, mse = loss.mean(), loss.detach().mean(), mse.detach().mean()
+    else:  # this process's rows; counts (tokens may differ between rows) and sums over all processes
+        loss, mse = parallel(y_b, c_b, generator=generator, rows=distributed.shard(config.batch_size))
+        totals = torch.stack(
+            [torch.tensor(float(loss.numel()), device=loss.device), loss.detach().sum(), mse.detach().sum()]
+        )
+        count, loss_sum, mse_sum = distributed.all_sum(totals)
+        objective = loss.sum() * (distributed.world_size() / count)  # DDP averages: sum over all rows / count
+        loss, mse = loss_sum / count, mse_sum / count
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(module.parameters()), config.max_grad_norm)
     optimizer.step()
     ema_update(ema, module, ema_decay_at(step, config.ema_decay))
-    return loss.detach(), mse.detach().mean()
+    return loss, mse
 
 
 @dataclass
@@ -192,7 +208,10 @@ def train(
         Training settings; ``steps`` and ``log_every`` are resolved for ``len(cond)`` pairs
         (:meth:`~stemst.model.TrainingConfig.resolved`).
     device
-        ``"auto"`` (CUDA if available, else CPU) or a torch device; on CUDA, TF32 matmuls are enabled.
+        ``"auto"`` (CUDA if available, else CPU) or a torch device; on CUDA, TF32 matmuls are enabled. Under
+        ``torchrun`` (a process group started by :func:`stemst.model.distributed.init`), each process uses
+        ``cuda:LOCAL_RANK``, the module is wrapped in DDP and ``config.batch_size`` is the global batch, split
+        across the processes; rank 0 alone writes the checkpoint.
     checkpoint_dir
         Folder for ``checkpoint.pt`` (weights, EMA, optimiser, generator state, step, history), written atomically
         every ``config.checkpoint_every`` steps and at the end.
@@ -232,7 +251,8 @@ def train(
     if len(y) == 0 or len(cond) % len(y):
         raise ValueError(f"cond must have a whole number of rows per target: got {len(cond)} and {len(y)}.")
     config = config.resolved(len(cond))
-    dev = resolve_device(device)
+    dev = distributed.device(resolve_device(device))
+    main = distributed.is_main()
     logger.info(
         "Training %s on %d targets x %d view(s), %d genes, %d-d conditions, %d steps on %s",
         module.network.architecture,
@@ -249,6 +269,7 @@ def train(
     module.to(dev).train()
     ema = copy.deepcopy(module).eval().requires_grad_(False)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    parallel = distributed.wrap(module, dev) if distributed.active() else None
     gen = torch_generator(config.seed, dev)
     run = _run_description(
         module, {**(run_info or {}), **{k: v for k, v in config.as_dict().items() if k not in RESUMABLE}}
@@ -271,10 +292,13 @@ def train(
         step = last_ckpt = int(state["step"])
         history = json.loads(state["history"])
         logger.info("Resuming from %s at step %d", ckpt, step)
-    elif ckpt is not None:
+    elif ckpt is not None and main:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
 
     def save_checkpoint() -> None:
+        if not main:  # one writer; the others wait so that nobody reads a file being replaced
+            distributed.barrier()
+            return
         state = {
             "run": json.dumps(run),
             "module": module.state_dict(),
@@ -285,15 +309,20 @@ def train(
             "history": json.dumps(history),
         }
         _atomic_save(state, ckpt)
+        distributed.barrier()
 
     cond, y = cond.to(dev), y.to(dev)
     t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
     losses, mses = [], []
     stopped = False
-    bar = tqdm(total=config.steps, initial=step, desc=f"fit {module.network.architecture}", disable=not progress)
+    bar = tqdm(
+        total=config.steps, initial=step, desc=f"fit {module.network.architecture}", disable=not (progress and main)
+    )
     try:
         while step < config.steps:
-            loss, mse = train_step(module, opt, ema, cond, y, step=step, config=config, generator=gen)
+            loss, mse = train_step(
+                module, opt, ema, cond, y, step=step, config=config, generator=gen, parallel=parallel
+            )
             losses.append(loss)
             mses.append(mse)
             step += 1
@@ -321,7 +350,8 @@ def train(
                 if at_checkpoint:
                     save_checkpoint()
                     last_ckpt = step
-                if callback is not None and callback(TrainingState(step, module, ema, history)):
+                stop = callback is not None and callback(TrainingState(step, module, ema, history))
+                if distributed.agree(bool(stop), dev):  # rank 0 decides, so that all processes stop together
                     logger.info("Stopped by the callback at step %d", step)
                     stopped = True
                     break

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch
 from stemst._errors import warn
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
 from stemst._schema import embedding_key as _embedding_key
+from stemst._torch import resolve_device
 from stemst._utils import RNGLike, as_seed
 from stemst.model import (
     DiffusionConfig,
@@ -22,6 +23,7 @@ from stemst.model import (
     NetworkConfig,
     TrainingConfig,
     TrainingState,
+    distributed,
     train,
 )
 from stemst.model.config import Architecture, LRSchedule, TargetScaling
@@ -86,7 +88,7 @@ def fit(
     patience: int = 8,
     calibrate: bool = True,
     augment: bool = False,
-    architecture: Architecture = "mlp",
+    architecture: Architecture | Literal["auto"] = "auto",
     depth: int | None = None,
     width: int | None = None,
     heads: int | None = None,
@@ -158,8 +160,10 @@ def fit(
         Train on the embeddings of the 8 flips/rotations ``obsm[f"{embedding_key}_views"]`` (7 augmented :
         1 original, the paper's ratio); with ``head=False`` only (the context features already average the views).
     architecture, depth, width, heads, mlp_ratio, dropout, learn_variance
-        The denoiser (:class:`~stemst.model.NetworkConfig`): ``"mlp"`` (default: trains in minutes on a CPU) or
-        ``"transformer"`` (the paper's gene-token transformer; use a GPU); unset sizes take its defaults.
+        The denoiser (:class:`~stemst.model.NetworkConfig`): ``"auto"`` (default: ``"transformer"`` on CUDA, else
+        ``"mlp"``), ``"mlp"`` (trains in minutes on a CPU), ``"transformer"`` (the paper's gene-token transformer;
+        use a GPU) or ``"neighbourhood"`` (the joint model of a spot and its ring-1 neighbours,
+        :class:`~stemst.model.JointDiffusionModel`); unset sizes take its defaults.
     parameterization, vlb_weight, n_diffusion_steps, target_scaling, clip_margin
         The diffusion (:class:`~stemst.model.DiffusionConfig`). ``"v"``-prediction (default) gave clearly better
         held-out correlations than the paper's ``"eps"`` after minutes of CPU training on HER2ST.
@@ -177,6 +181,9 @@ def fit(
         Table key for SpatialData inputs.
     device
         ``"auto"`` (CUDA if available, else CPU) or a torch device. On CUDA: bf16 autocast and TF32 matmuls.
+        Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is started here (NCCL on CUDA, gloo on CPU), each
+        process trains on ``cuda:LOCAL_RANK`` with DistributedDataParallel and ``batch_size`` is the global batch,
+        split across the processes; the result equals a one-process run with the same seed (docs: *Scaling out*).
     rng
         Seed (or generator drawing one) of the initialisation and of the training draws.
     progress
@@ -199,6 +206,9 @@ def fit(
     >>> model = stemst.tl.fit(sdata, sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
     >>> stemst.tl.predict(model, sdata, sections="C6")  # doctest: +SKIP
     """
+    distributed.init()
+    if architecture == "auto":
+        architecture = "transformer" if distributed.device(resolve_device(device)).type == "cuda" else "mlp"
     network = NetworkConfig(
         architecture,
         depth=depth,

@@ -1,0 +1,129 @@
+"""Training under ``torchrun`` with 2 CPU processes (gloo) equals one process with the same global batch and seed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stemst
+from stemst.model import distributed
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+# C2 (187 spots) held out: early stopping and calibration run on every process, so keep them small
+FIT = ["--embedding-key", "X_color_stats_context", "--batch-size", "48", "--seed", "3", "--validation", "C2"]
+FIT += ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def store(data_dir, tmp_path_factory):
+    """A prepared store: two real sections, cheap colour embeddings with 8 views, context, a 16-gene panel."""
+    sdata = stemst.datasets.her2st(["C2", "C6"], cache_dir=data_dir)
+    stemst.pp.embed_patches(sdata, encoder="color_stats", augment=True, progress=False)
+    stemst.pp.spatial_context(sdata, embedding_key="X_color_stats")
+    stemst.pp.select_genes(sdata, train_sections=["C2", "C6"], n_genes=16)
+    path = tmp_path_factory.mktemp("ddp") / "store.zarr"
+    stemst.io.write_zarr(sdata, path)
+    return path
+
+
+def _torchrun(runs: list[list[str]], tmp_path: Path) -> None:
+    """Run ``stemst`` command lines one after the other in the same 2 torchrun processes (imports paid once)."""
+    script = tmp_path / "runs.py"
+    script.write_text(f"from stemst._cli import main\nfor argv in {runs!r}:\n    main(argv)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this python")
+def test_two_processes_train_and_resume_like_one(store, tmp_path):
+    # one process, in this one: 10 steps with a checkpoint, then resumed to 20
+    sdata = stemst.io.read_zarr(store)
+    ref_dir = tmp_path / "ref_ckpt"
+    kw = {"embedding_key": "X_color_stats_context", "batch_size": 48, "rng": 3, "validation": "C2", "progress": False}
+    kw |= {"checkpoint_dir": ref_dir, "checkpoint_every": 5}
+    ref10 = stemst.tl.fit(sdata, steps=10, **kw)
+    ref20 = stemst.tl.fit(sdata, steps=20, resume=True, **kw)
+    ref10.save(tmp_path / "ref10")
+    ref20.save(tmp_path / "ref20")
+
+    # two processes under torchrun (gloo): the same run, each process computing half of every batch
+    ckpt = tmp_path / "ckpt"
+    common = [*FIT, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]
+    first = ["fit", str(store), "--out", str(tmp_path / "m10"), "--steps", "10", *common]
+    then = ["fit", str(store), "--out", str(tmp_path / "m20"), "--steps", "20", "--resume", *common]
+    _torchrun([first, then], tmp_path)
+    assert (ckpt / "checkpoint.pt").exists()
+
+    _assert_same(_weights(tmp_path / "ref10"), _weights(tmp_path / "m10"))
+    _assert_same(_weights(tmp_path / "ref20"), _weights(tmp_path / "m20"))
+    config = json.loads((tmp_path / "m20" / "config.json").read_text())
+    ref = json.loads((tmp_path / "ref20" / "config.json").read_text())
+    np.testing.assert_allclose(
+        [h["loss"] for h in config["history"]], [h["loss"] for h in ref["history"]], rtol=1e-4, atol=1e-5
+    )
+    assert config["history"][-1]["step"] > 10  # the resumed run went on training
+    w10, w20 = _weights(tmp_path / "m10"), _weights(tmp_path / "m20")
+    assert any(not torch.equal(w10[k], w20[k]) for k in w10 if k.startswith("net."))
+
+
+def test_distributed_is_a_no_op_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init() is False
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard(7) == slice(0, 7)
+    module = torch.nn.Linear(2, 2)
+    assert distributed.wrap(module, torch.device("cpu")) is module
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+
+
+def test_world_size_without_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="launch with torchrun"):
+        distributed.init()
+
+
+def test_shards_cover_the_batch(monkeypatch):
+    # the rows of a batch split over 3 processes: contiguous, disjoint, complete, sizes within 1
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    parts = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts.append(distributed.shard(10))
+    rows = np.concatenate([np.arange(10)[p] for p in parts])
+    assert rows.tolist() == list(range(10))
+    assert {p.stop - p.start for p in parts} <= {3, 4}
+
+
+def test_rows_of_a_batch_make_up_the_whole_loss():
+    # the loss of two halves, drawn with the whole batch's randomness, equals the loss of the whole batch
+    from stemst.model import DiffusionModel, NetworkConfig
+
+    torch.manual_seed(0)
+    m = DiffusionModel(6, 4, NetworkConfig(width=16, depth=1))
+    cond, y = torch.randn(10, 4), torch.rand(10, 6)
+    m.set_statistics(cond, y)
+    m.train()
+    whole, _ = m.loss(y, cond, generator=torch.Generator().manual_seed(1))
+    halves = [
+        m.loss(y, cond, generator=torch.Generator().manual_seed(1), rows=s)[0] for s in (slice(0, 4), slice(4, 10))
+    ]
+    torch.testing.assert_close(torch.cat(halves), whole)
