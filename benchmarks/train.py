@@ -1,8 +1,12 @@
 """Training and sampling throughput of the Stem denoisers (CPU or GPU), written to benchmarks/results/train.json.
 
 Synthetic inputs of the real shapes (200 genes, 1280-d EfficientNet-Lite0 embeddings, batch 256): timing only.
+Achieved FLOP/s = the FLOPs of one training step (forward + backward, counted by
+:class:`torch.utils.flop_counter.FlopCounterMode`) x steps/s; on CUDA also as a fraction of the GPU's dense bf16
+peak (a table of known GPUs, or ``--peak-tflops``).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/train.py [--quick] [--device cpu]
+    python benchmarks/train.py --device cuda        # the paper-sized transformer in bf16 autocast
 """
 
 from __future__ import annotations
@@ -65,6 +69,37 @@ def time_training(model: StemstModel, steps: int, batch: int, device: torch.devi
     return steps / (time.perf_counter() - t0)
 
 
+#: dense bf16 tensor-core peak (TFLOP/s, without sparsity) of GPUs by name fragment, from the vendors' data sheets
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """The GPU's dense bf16 peak, or ``override``; None on CPU or for an unknown GPU."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def step_flops(model: StemstModel, batch: int, device: torch.device, counted: int = 16) -> int:
+    """FLOPs of one training step's forward and backward pass (the optimiser's few are left out).
+
+    Counted on ``counted`` rows and scaled to ``batch``: every sample is computed alone (attention is across the
+    genes of one spot), so the count is linear in the batch.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = copy.deepcopy(model.module).train()
+    cond = torch.randn(counted, model.embedding_dim, device=device)
+    y = torch.rand(counted, model.n_genes, device=device) * 6
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = module.loss(y, cond, generator=torch_generator(0, device))
+        loss.mean().backward()
+    return int(counter.get_total_flops()) * batch // counted
+
+
 def time_sampling(model: StemstModel, n_spots: int, n_samples: int, steps: int) -> float:
     X = np.random.default_rng(0).normal(size=(n_spots, model.embedding_dim)).astype(np.float32)
     model.sample(X[:2], n_samples=1, steps=2, rng=0, progress=False)
@@ -79,6 +114,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timed steps (for a busy CPU)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     ap.add_argument("--table-only", action="store_true", help="rebuild the docs table from the JSON")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation")
     args = ap.parse_args()
     if args.table_only:
         write_docs(json.loads(Path(args.out).read_text()))
@@ -86,11 +122,14 @@ def main() -> None:
     dev = resolve_device(args.device)
     genes, dim, batch = 200, 1280, 256
     rows = []
+    peak = peak_tflops(dev, args.peak_tflops)
     for name, network in CONFIGS.items():
         model = make_model(network, genes, dim, dev)
         big = "stem" in name and dev.type == "cpu"
         n_train = 1 if big else (10 if args.quick else 50)
         n_spots = 1 if big else (50 if args.quick else 200)
+        steps_per_s = time_training(model, n_train, batch, dev)
+        flops = step_flops(model, batch, dev)
         row = {
             "config": name,
             **{k: getattr(network, k) for k in ("architecture", "depth", "width", "heads", "mlp_ratio")},
@@ -98,7 +137,12 @@ def main() -> None:
             "genes": genes,
             "embedding_dim": dim,
             "batch_size": batch,
-            "train_steps_per_s": round(time_training(model, n_train, batch, dev), 3),
+            "train_steps_per_s": round(steps_per_s, 3),
+            "step_gflop": round(flops / 1e9, 3),
+            "achieved_tflops": round(flops * steps_per_s / 1e12, 4),
+            "peak_tflops": peak,
+            "utilisation": None if peak is None else round(flops * steps_per_s / 1e12 / peak, 4),
+            "autocast": "bf16" if dev.type == "cuda" else "none",
             "timed_train_steps": n_train,
             "sampler": "dpmpp_2m",
             "sampling_steps": 25,
@@ -114,6 +158,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "torch": torch.__version__,
+        "command": "python benchmarks/train.py" + (" --quick" if args.quick else "") + f" --device {args.device}",
         "note": "synthetic inputs of the real shapes; the CPU was shared with other jobs, so treat as rough numbers",
         "results": rows,
     }
@@ -129,14 +174,17 @@ def write_docs(out: dict) -> None:
 
     from stemst._utils import markdown_table
 
-    cols = ["architecture", "parameters", "train_steps_per_s", "sampled_spots_per_s"]
-    df = pd.DataFrame(out["results"]).set_index("config")[cols]
+    cols = ["architecture", "parameters", "train_steps_per_s", "step_gflop", "achieved_tflops", "utilisation"]
+    cols += ["sampled_spots_per_s"]
+    df = pd.DataFrame(out["results"]).set_index("config")
+    df = df[[c for c in cols if c in df.columns and df[c].notna().any()]]
     DOCS.write_text(
         "## Training and sampling speed\n\n"
-        f"Measured with `python benchmarks/train.py --quick --device cpu` on {out['cpu']} ({out['device']}, "
+        f"Measured with `{out.get('command', 'python benchmarks/train.py --quick --device cpu')}` on {out['cpu']} ({out['device']}, "
         f"{out['torch_threads']} torch threads, torch {out['torch']}); {out['note']}. Batch 256, 200 genes, 1280-d "
-        "embeddings; sampling: DPM-Solver++(2M), 25 steps, 20 samples per spot. No GPU was available when this was "
-        "measured.\n\n" + markdown_table(df, floatfmt=".3g") + "\n"
+        "embeddings; sampling: DPM-Solver++(2M), 25 steps, 20 samples per spot. `step_gflop`: FLOPs of one step's "
+        "forward + backward (FlopCounterMode); `achieved_tflops` = that x steps/s; `utilisation` = achieved / the GPU's "
+        "dense bf16 peak (on CUDA only).\n\n" + markdown_table(df, floatfmt=".3g") + "\n"
     )
 
 

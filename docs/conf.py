@@ -22,6 +22,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx_autodoc_typehints",
+    "sphinxcontrib.bibtex",
 ]
 templates_path = ["_templates"]
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
@@ -42,6 +43,11 @@ myst_enable_extensions = ["amsmath", "colon_fence", "deflist", "dollarmath", "ht
 myst_heading_anchors = 3
 nb_execution_mode = "off"  # tutorials are committed executed
 nb_merge_streams = True
+
+# citations: {cite}`key` in the pages, the entries in references.bib, the list on references.md
+bibtex_bibfiles = ["references.bib"]
+bibtex_default_style = "plain"
+bibtex_reference_style = "author_year"
 
 html_theme = "sphinx_book_theme"
 html_title = "stemst"

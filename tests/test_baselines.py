@@ -1,12 +1,20 @@
-"""Baselines (ridge, kNN, MLP): fit on C2-C5 and predict C6 with cheap colour embeddings of the real H&E."""
+"""Baselines (ridge, kNN, MLP on scikit-learn): fit on C2-C5 and predict C6 with cheap colour embeddings of the H&E."""
 
 import numpy as np
 import pytest
 import spatialdata as sd
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 import stemst
-from stemst._schema import get_image, section_info, section_mask
-from stemst.tl._baselines import _fit_ridge, ridge_path
+from stemst._schema import StemstDataError, get_image, section_info, section_mask
+from stemst.tl._baselines import _fit_ridge
 from stemst.tl._data import training_set
 
 TRAIN = ["C2", "C3", "C4", "C5"]
@@ -73,69 +81,148 @@ def shuffled(sdata):
     return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
 
 
-@pytest.mark.parametrize(
-    ("method", "kwargs"),
-    [("ridge", {}), ("ridge", {"alpha": "hest"}), ("knn", {"k": 50}), ("mlp", {"steps": 150, "val_section": "C5"})],
-)
-def test_baselines_predict_held_out_section(sdata, shuffled, method, kwargs):
-    fit = dict(method=method, embedding_key="X_color", sections=TRAIN, progress=False, **kwargs)
-    model = stemst.tl.fit_baseline(sdata, **fit)
+def held_out_mse_of_training_mean(sdata):
+    """MSE on C6 of the mean predictor: every spot gets the training sections' mean target."""
+    train = training_set(sdata, embedding_key="X_color", sections=TRAIN)
+    test = training_set(sdata, embedding_key="X_color", sections="C6", drop_empty=False)
+    return float(np.mean((test.Y - train.Y.mean(0)) ** 2))
+
+
+FITS = {
+    "ridge_cv": ("ridge", {}),
+    "ridge_hest": ("ridge", {"alpha": "hest"}),
+    "knn": ("knn", {"k": 50}),
+    "mlp": ("mlp", {"val_section": "C5", "max_epochs": 60}),
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(sdata):
+    return {
+        name: stemst.tl.fit_baseline(
+            sdata, method=method, embedding_key="X_color", sections=TRAIN, progress=False, **kwargs
+        )
+        for name, (method, kwargs) in FITS.items()
+    }
+
+
+@pytest.mark.parametrize("name", list(FITS))
+def test_baselines_predict_held_out_section(sdata, shuffled, fitted, name):
+    method, kwargs = FITS[name]
+    model = fitted[name]
     assert isinstance(model, stemst.tl.Predictor) and model.method == method and model.n_genes == 40
     r = held_out_pearson(sdata, model, f"{method}_prediction")
+    fit = dict(method=method, embedding_key="X_color", sections=TRAIN, progress=False, **kwargs)
     control = held_out_pearson(shuffled, stemst.tl.fit_baseline(shuffled, **fit), "control")
     assert r > 0.25, r
-    assert r > control + 0.15, (r, control)
+    assert r > control + 0.15, (r, control)  # beats chance: the same fit without image information
+    res = stemst.tl.evaluate(sdata, pred_key=f"{method}_prediction", key_added=None)
+    assert res.summary["mse"] < held_out_mse_of_training_mean(sdata)  # beats the mean predictor
     pred = sdata.tables[f"{method}_prediction"]
     assert pred.uns["stemst_prediction"]["method"] == method
     assert pred.n_obs == int((sdata.tables["table"].obs["section"] == "C6").sum())
     np.testing.assert_array_equal(pred.layers["std"], 0)  # deterministic
 
 
-def test_ridge_settings(sdata):
-    hest = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha="hest")
+def test_baselines_are_fitted_sklearn_pipelines(sdata, fitted):
+    steps = {
+        "ridge_cv": [StandardScaler, PCA, Ridge],
+        "ridge_hest": [StandardScaler, PCA, Ridge],
+        "knn": [StandardScaler, KNeighborsRegressor],
+        "mlp": [StandardScaler, MLPRegressor],
+    }
+    X = sdata.tables["table"].obsm["X_color"][:25]
+    for name, model in fitted.items():
+        est = model.estimator
+        assert isinstance(est, Pipeline), name
+        assert [type(step) for _, step in est.steps] == steps[name], name
+        check_is_fitted(est)
+        assert est.n_features_in_ == 18
+        # the predictor is the pipeline: its predictions are the pipeline's, on the target scale
+        np.testing.assert_allclose(model.predict_mean(X), est.predict(X.astype(np.float64)), rtol=1e-6)
+    ridge = fitted["ridge_cv"]
+    assert isinstance(ridge.search, GridSearchCV) and isinstance(ridge.search.cv, LeaveOneGroupOut)
+    assert ridge.search.n_splits_ == len(TRAIN)  # one fold per training section
+    assert ridge.estimator.named_steps["ridge"].alpha == pytest.approx(ridge.params()["alpha"])
+    assert fitted["knn"].estimator[-1].n_neighbors == 50
+    mlp = fitted["mlp"]
+    best = [h["epoch"] for h in mlp.history if h.get("best")][-1]
+    assert mlp.params()["best_epoch"] == best <= len(mlp.history) <= 60
+    assert {"epoch", "step", "loss", "val_loss"} <= set(mlp.history[0])
+
+
+def test_ridge_settings(sdata, fitted):
+    hest = fitted["ridge_hest"]
     p = hest.params()
     assert p["n_components"] == 18  # fewer features than 256
     assert p["alpha"] == pytest.approx(100 / (18 * 40))
-    cv = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN)
+    cv = fitted["ridge_cv"]
     assert cv.params()["alpha_rule"] == "cv" and len(cv.cv_scores["mean_pearson"]) == 15
     assert np.max(cv.cv_scores["mean_pearson"]) > 0.2
+    # the grid is relative to the largest eigenvalue of the training design (standardised, PCA)
+    design = cv.estimator[:-1].transform(training_set(sdata, embedding_key="X_color", sections=TRAIN).X)
+    top = np.linalg.norm(design - design.mean(0), 2) ** 2
+    np.testing.assert_allclose(cv.cv_scores["alpha"], np.asarray(cv.cv_scores["relative_alpha"]) * top, rtol=1e-6)
+
+
+def test_bad_settings_are_refused(sdata):
+    fit = {"embedding_key": "X_color", "sections": TRAIN, "progress": False}
     with pytest.raises(ValueError, match="alpha must be"):
-        stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha=-1)
+        stemst.tl.fit_baseline(sdata, method="ridge", alpha=-1, **fit)
+    with pytest.raises(ValueError, match="alpha must be"):
+        stemst.tl.fit_baseline(sdata, method="ridge", alpha="gcv", **fit)
+    with pytest.raises(ValueError, match="n_components must be"):
+        stemst.tl.fit_baseline(sdata, method="ridge", n_components=0, **fit)
+    with pytest.raises(StemstDataError, match="at least 2 training sections"):
+        stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections="C2")
     with pytest.raises(ValueError, match="Unknown baseline 'svm'"):
         stemst.tl.fit_baseline(sdata, method="svm", embedding_key="X_color")
     with pytest.raises(TypeError, match="settings of 'knn'"):
-        stemst.tl.fit_baseline(sdata, method="knn", embedding_key="X_color", alpha=1.0)
+        stemst.tl.fit_baseline(sdata, method="knn", alpha=1.0, **fit)
+    with pytest.raises(ValueError, match="metric must be"):
+        stemst.tl.fit_baseline(sdata, method="knn", metric="manhattan", **fit)
+    with pytest.raises(ValueError, match="k must be"):
+        stemst.tl.fit_baseline(sdata, method="knn", k=0, **fit)
+    with pytest.raises(TypeError, match=r"no \['steps', 'dropout'\] setting.*max_epochs"):
+        stemst.tl.fit_baseline(sdata, method="mlp", steps=400, dropout=0.2, **fit)
+    with pytest.raises(StemstDataError, match="val_section='C6' must be one of several training sections"):
+        stemst.tl.fit_baseline(sdata, method="mlp", val_section="C6", **fit)
+    with pytest.raises(ValueError, match="validation_fraction must be"):
+        stemst.tl.fit_baseline(sdata, method="mlp", validation_fraction=1.5, **fit)
+    with pytest.raises(ValueError, match="max_epochs must be"):
+        stemst.tl.fit_baseline(sdata, method="mlp", max_epochs=0, **fit)
 
 
-def test_ridge_recovers_coefficients():
+def test_predict_refuses_other_embeddings(sdata, fitted):
+    table = sdata.tables["table"][:50].copy()
+    table.obsm["X_color"] = table.obsm["X_color"][:, :10]
+    with pytest.raises(StemstDataError, match="10-d; the model expects 18-d"):
+        stemst.tl.predict(fitted["knn"], table)
+    del table.obsm["X_color"]
+    with pytest.raises(KeyError, match="X_color"):
+        stemst.tl.predict(fitted["knn"], table)
+
+
+def test_ridge_recovers_a_linear_map():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, 4))
     B = rng.normal(size=(4, 3))
     Y = X @ B + np.array([1.0, -2.0, 0.5])
-    W, y_mean = ridge_path(X, Y, [0.0, 1e-8, 1e6])
-    np.testing.assert_allclose(W[1], B, atol=1e-6)
-    np.testing.assert_allclose(y_mean - X.mean(0) @ W[1], [1.0, -2.0, 0.5], atol=1e-6)
-    assert np.abs(W[2]).max() < 1e-3  # a huge penalty shrinks to zero
+    base = {"genes": ["a", "b", "c"], "embedding_key": "X", "transform": "log2p1", "encoder": None}
     # the full probe (standardise + PCA + ridge) with alpha -> 0 predicts new points exactly
-    model = _fit_ridge(
-        X,
-        Y,
-        np.zeros(50),
-        alpha=1e-10,
-        genes=["a", "b", "c"],
-        embedding_key="X",
-        transform="log2p1",
-        encoder=None,
-        settings={},
-    )
+    model = _fit_ridge(X, Y, np.zeros(50), alpha=1e-10, settings={}, **base)
     X_new = rng.normal(size=(10, 4))
     np.testing.assert_allclose(model.predict_mean(X_new), X_new @ B + [1.0, -2.0, 0.5], atol=1e-6)
+    # a huge penalty shrinks every coefficient to zero: the prediction is the training mean
+    flat = _fit_ridge(X, Y, np.zeros(50), alpha=1e12, settings={}, **base)
+    np.testing.assert_allclose(flat.predict_mean(X_new), np.broadcast_to(Y.mean(0), (10, 3)), atol=1e-6)
 
 
 def test_knn_k1_reproduces_training_targets(sdata):
     knn = stemst.tl.fit_baseline(sdata, method="knn", embedding_key="X_color", sections=TRAIN, k=1, metric="euclidean")
     ts = training_set(sdata, embedding_key="X_color", sections=TRAIN)  # the training spots (empty ones dropped)
     np.testing.assert_array_equal(knn.predict_mean(ts.X), ts.Y)
+    np.testing.assert_array_equal(knn.neighbours(ts.X[:20])[:, 0], np.arange(20))
     table = sdata.tables["table"]
     # k larger than the training set is clipped
     tiny = stemst.tl.fit_baseline(sdata, method="knn", embedding_key="X_color", sections="C2", k=10_000)
@@ -143,14 +230,15 @@ def test_knn_k1_reproduces_training_targets(sdata):
 
 
 def test_augment_and_determinism(sdata):
-    kw = {"method": "mlp", "embedding_key": "X_color", "sections": TRAIN, "steps": 30, "progress": False}
+    kw = {"method": "mlp", "embedding_key": "X_color", "sections": TRAIN, "max_epochs": 8, "progress": False}
     a = stemst.tl.fit_baseline(sdata, augment=True, rng=3, **kw)
     b = stemst.tl.fit_baseline(sdata, augment=True, rng=3, **kw)
     c = stemst.tl.fit_baseline(sdata, augment=True, rng=4, **kw)
     X = sdata.tables["table"].obsm["X_color"][:20]
     np.testing.assert_array_equal(a.predict_mean(X), b.predict_mean(X))
     assert not np.allclose(a.predict_mean(X), c.predict_mean(X))
-    assert [h["step"] for h in a.history] == list(range(1, 31))
+    assert [h["epoch"] for h in a.history] == list(range(1, len(a.history) + 1))
+    assert a.params()["augment"] is True and a.params()["val_section"].startswith("random")
     ridge = stemst.tl.fit_baseline(
         sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha=1.0, augment=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import anndata as ad
 import h5py
@@ -216,9 +217,16 @@ def test_visium_spots_without_counts(tmp_path, c2):
     pos.to_csv(out / "spatial" / "tissue_positions.csv", index=False)
     with pytest.raises(stemst.StemstDataError, match=r"1 in-tissue spots .* have no counts.*BG0"):
         stemst.io.visium(out)
-    pos = pos[pos["barcode"] != c2["barcodes"][0]]  # counts without a position
+    # counts without a position: spatialdata-io keeps them with NaN coordinates, stemst drops them with a warning
+    pos.loc[pos["barcode"] == "BG0", "in_tissue"] = 0
+    pos = pos[pos["barcode"] != c2["barcodes"][0]]
     pos.to_csv(out / "spatial" / "tissue_positions.csv", index=False)
-    with pytest.raises(stemst.StemstDataError, match="have no position"):
+    n = len(c2["barcodes"])
+    with pytest.warns(stemst.StemstWarning, match=rf"1 of {n} barcodes with counts have no position.*dropped"):
+        table = stemst.io.visium(out).tables["table"]
+    assert table.n_obs == n - 1 and c2["barcodes"][0] not in set(table.obs[_schema.INSTANCE_KEY])
+    pos.iloc[: n // 2].to_csv(out / "spatial" / "tissue_positions.csv", index=False)  # more than a few: refused
+    with pytest.raises(stemst.StemstDataError, match=rf"of the {n} barcodes with counts have no position.*complete"):
         stemst.io.visium(out)
 
 
@@ -234,6 +242,86 @@ def test_visium_missing_files(tmp_path, c2):
     (out / "spatial" / "tissue_positions.csv").unlink()
     with pytest.raises(FileNotFoundError, match="tissue_positions"):
         stemst.io.visium(out, image="lowres")
+
+
+def write_visium_hd(root, parts: dict, *, bin_size: int, off_tissue: int = 3) -> dict:
+    """A Visium HD Space Ranger ``outs`` folder holding the HER2ST spots as bins of ``bin_size`` µm."""
+    spatial = root / "spatial"
+    bins = root / "binned_outputs" / f"square_{bin_size:03d}um"
+    (bins / "spatial").mkdir(parents=True)
+    spatial.mkdir(parents=True)
+    layout = {"hd_layout_json": json.dumps({"file_format": "1.0"})}
+    with h5py.File(root / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps(layout)
+    write_10x_h5(bins / "filtered_feature_bc_matrix.h5", parts["counts"], parts["barcodes"], parts["genes"])
+    hires, s_hi = _resize(parts["image"], HIRES_SIDE)
+    lowres, s_lo = _resize(parts["image"], LOWRES_SIDE)
+    Image.fromarray(hires).save(spatial / "tissue_hires_image.png")
+    Image.fromarray(lowres).save(spatial / "tissue_lowres_image.png")
+    bin_px = bin_size / parts["mpp"]
+    scalefactors = {"tissue_hires_scalef": s_hi, "tissue_lowres_scalef": s_lo, "spot_diameter_fullres": bin_px}
+    (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+    scalefactors |= {"bin_size_um": float(bin_size), "microns_per_pixel": parts["mpp"]}
+    (bins / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+    xy = parts["coords"]
+    n = len(parts["barcodes"])
+    pd.DataFrame(
+        {
+            "barcode": parts["barcodes"] + [f"BG{i}" for i in range(off_tissue)],
+            "in_tissue": np.r_[np.ones(n, np.int32), np.zeros(off_tissue, np.int32)],
+            "array_row": np.r_[parts["array_row"], np.zeros(off_tissue, int)].astype(np.int32),
+            "array_col": np.r_[parts["array_col"], np.arange(off_tissue)].astype(np.int32),
+            "pxl_row_in_fullres": np.r_[xy[:, 1], np.full(off_tissue, 5.0)],
+            "pxl_col_in_fullres": np.r_[xy[:, 0], 5.0 + 10 * np.arange(off_tissue)],
+        }
+    ).to_parquet(bins / "spatial" / "tissue_positions.parquet", index=False)
+    return {"hires": hires, "scalefactors": scalefactors}
+
+
+@pytest.mark.parametrize("image", ["hires", "lowres"])
+def test_visium_hd_bins_as_spots(tmp_path, c2, image):
+    # the HER2ST spots (100 µm) stand in for bins of 100 µm: real pixels and counts in the Visium HD layout
+    written = write_visium_hd(tmp_path / "hd" / "outs", c2, bin_size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", stemst.StemstWarning)
+        sdata = stemst.io.visium_hd(tmp_path / "hd" / "outs", bin_size=100, image=image)
+    scale = written["scalefactors"][f"tissue_{image}_scalef"]
+    _check_common(sdata, c2, "hd", coords=c2["coords"] * scale, mpp=c2["mpp"] / scale)
+    info = _schema.section_info(sdata.tables["table"], "hd")
+    assert info.spot_diameter_um == 100.0 and info.extra["bin_size_um"] == 100
+    assert info.extra["platform"] == "10x Visium HD"
+    assert not sdata.tables["table"].obs[_schema.INSTANCE_KEY].str.startswith("BG").any()
+    if image == "hires":
+        img = np.asarray(_schema.get_image(sdata, "hd"))
+        np.testing.assert_array_equal(img, written["hires"].transpose(2, 0, 1))
+
+
+def test_visium_hd_conversion_of_what_spatialdata_io_returns(tmp_path, c2):
+    """spatialdata-io's default output (square bins) gives the same spots as the reader's (circles)."""
+    import spatialdata_io
+
+    from stemst.io._utils import build
+    from stemst.io._visium_hd import spots_from_bins
+
+    root = tmp_path / "outs"
+    write_visium_hd(root, c2, bin_size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        raw = spatialdata_io.visium_hd(root, dataset_id="slide", bin_size=100, load_segmentations_only=False)
+    assert "slide_square_100um" in raw.shapes and "radius" not in raw.shapes["slide_square_100um"].columns
+    sdata = build(**spots_from_bins(raw, bin_size=100, section="S1"))
+    stemst.io.validate(sdata)
+    ref = stemst.io.visium_hd(root, bin_size=100, section="S1")
+    a, b = sdata.tables["table"], ref.tables["table"]
+    assert list(a.obs_names) == list(b.obs_names) and (a.X != b.X).nnz == 0
+    np.testing.assert_allclose(a.obsm["spatial"], b.obsm["spatial"])
+    assert a.uns["stemst"]["sections"]["S1"]["microns_per_pixel"] == pytest.approx(
+        b.uns["stemst"]["sections"]["S1"]["microns_per_pixel"]
+    )
+    with pytest.raises(stemst.StemstDataError, match=r"No table 'square_016um'.*\['square_100um'\]"):
+        spots_from_bins(raw, bin_size=16, section="S1")
+    with pytest.raises(FileNotFoundError, match=r"No bins of 16 µm.*\['square_100um'\]"):
+        stemst.io.visium_hd(root)
 
 
 def write_hest(root, parts: dict, sample_id: str, *, meta: dict | None = None) -> None:

@@ -9,6 +9,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stemst._docs import (
+    doc_ax,
+    doc_genes_subset,
+    doc_params,
+    doc_pred_key,
+    doc_sections,
+    doc_show_save,
+    doc_table_key,
+)
 from stemst._schema import PREDICTION_KEY, TABLE_KEY
 from stemst.pl._utils import as_list, finish
 
@@ -27,6 +36,13 @@ def _new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
     return ax.figure, ax
 
 
+@doc_params(
+    pred_key=doc_pred_key,
+    table_key=doc_table_key,
+    genes=doc_genes_subset,
+    sections=doc_sections,
+    show_save=doc_show_save,
+)
 def variation_curves(
     sdata: Any,
     *,
@@ -47,20 +63,14 @@ def variation_curves(
     ----------
     sdata
         :class:`~spatialdata.SpatialData` with the counts table and the prediction table(s).
-    pred_key
-        Prediction table(s) to overlay.
-    table_key
-        Measured counts table.
-    genes
-        Genes to show (default: the whole predicted panel).
-    sections
-        Restrict to these sections.
+    {pred_key}
+        One or several, overlaid.
+    {table_key}
+    {genes}
+    {sections}
     figsize
         Figure size in inches.
-    show
-        Show the figure (default: unless ``save`` is given).
-    save
-        Save the figure to this path.
+    {show_save}
 
     Returns
     -------
@@ -91,6 +101,7 @@ def variation_curves(
     return axes
 
 
+@doc_params(table_key=doc_table_key, ax=doc_ax, show_save=doc_show_save)
 def gene_correlation(
     data: Any,
     *,
@@ -113,8 +124,7 @@ def gene_correlation(
         mapping ``name -> Evaluation`` or ``name -> per-gene DataFrame``.
     pred_keys
         Prediction tables to compare (SpatialData input).
-    table_key
-        Measured counts table.
+    {table_key}
     metric
         A per-gene column, e.g. ``"pearson"``, ``"spearman"``, ``"pearson_norm"``.
     kind
@@ -122,14 +132,10 @@ def gene_correlation(
         PCC-k); ``"box"``: one box per method.
     genes
         Genes to include (SpatialData input).
-    ax
-        Axes to draw on (default: a new figure).
+    {ax}
     figsize
         Size of a new figure in inches.
-    show
-        Show the figure (default: unless ``save`` is given).
-    save
-        Save the figure to this path.
+    {show_save}
 
     Returns
     -------
@@ -166,6 +172,7 @@ def gene_correlation(
     return ax
 
 
+@doc_params(ax=doc_ax, show_save=doc_show_save)
 def training_curve(
     model: Any,
     *,
@@ -189,14 +196,10 @@ def training_curve(
         Window (in records) of the centred rolling mean; default about 2% of the records, at least 1.
     log
         Logarithmic loss axis.
-    ax
-        Axes to draw on (default: a new figure).
+    {ax}
     figsize
         Size of a new figure in inches.
-    show
-        Show the figure (default: unless ``save`` is given).
-    save
-        Save the figure to this path.
+    {show_save}
 
     Returns
     -------

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from stemst._docs import doc_layer, doc_panel_size, doc_params, doc_pred_key, doc_show_save, doc_table_key
 from stemst._schema import PREDICTION_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
 from stemst.pl._utils import as_list, draw_section, finish, grid
 from stemst.tl._data import get_targets
@@ -31,6 +32,9 @@ def _layer_values(adata: Any, genes: list[str], layer: str | None) -> np.ndarray
     return np.asarray(m.toarray() if hasattr(m, "toarray") else m, dtype=np.float64)
 
 
+@doc_params(
+    pred_key=doc_pred_key, table_key=doc_table_key, layer=doc_layer, panel_size=doc_panel_size, show_save=doc_show_save
+)
 def expression_maps(
     sdata: Any,
     genes: str | Sequence[str],
@@ -58,22 +62,13 @@ def expression_maps(
         Gene(s) to draw, one row each.
     section
         Section to draw.
-    pred_key
-        Prediction table.
-    table_key
-        Measured counts table.
-    layer
-        Counts layer of the measured table (``X`` if ``None``).
+    {pred_key}
+    {table_key}
+    {layer}
     cmap
         Colour map.
-    panel_size
-        Size of one panel in inches (ignored if ``figsize`` is given).
-    figsize
-        Figure size in inches.
-    show
-        Show the figure (default: unless ``save`` is given).
-    save
-        Save the figure to this path.
+    {panel_size}
+    {show_save}
 
     Returns
     -------
@@ -111,6 +106,7 @@ def expression_maps(
     return axes
 
 
+@doc_params(pred_key=doc_pred_key, panel_size=doc_panel_size, show_save=doc_show_save)
 def uncertainty_map(
     sdata: Any,
     genes: str | Sequence[str],
@@ -135,22 +131,15 @@ def uncertainty_map(
         Gene(s) to draw, one panel each (own colour scale).
     section
         Section to draw.
-    pred_key
-        Prediction table.
+    {pred_key}
     layer
         Layer to draw (default the sample standard deviation on the model's scale).
     cmap
         Colour map.
     ncols
         Panels per row.
-    panel_size
-        Size of one panel in inches (ignored if ``figsize`` is given).
-    figsize
-        Figure size in inches.
-    show
-        Show the figure (default: unless ``save`` is given).
-    save
-        Save the figure to this path.
+    {panel_size}
+    {show_save}
 
     Returns
     -------

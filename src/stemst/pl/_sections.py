@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from stemst._docs import doc_panel_size, doc_params, doc_sections, doc_show_save
 from stemst._schema import TABLE_KEY, get_table, section_mask
 from stemst._schema import sections as table_sections
 from stemst.pl._utils import draw_section, finish, grid
@@ -30,6 +31,7 @@ def _spot_values(adata: Any, color: str, mask: np.ndarray, layer: str | None) ->
     )
 
 
+@doc_params(sections=doc_sections, panel_size=doc_panel_size, show_save=doc_show_save)
 def sections(
     sdata: Any,
     *,
@@ -51,8 +53,8 @@ def sections(
     ----------
     sdata
         :class:`~spatialdata.SpatialData` in the stemst data model.
-    sections
-        Sections to draw (all if ``None``), one panel each.
+    {sections}
+        One panel each.
     color
         ``None`` draws spot outlines; ``"total_counts"``, a numeric ``obs`` column or a gene name fills the spots
         (one colour scale per panel).
@@ -66,14 +68,8 @@ def sections(
         Zoom each panel to its spots; ``False`` shows the whole image.
     ncols
         Panels per row.
-    panel_size
-        Size of one panel in inches (ignored if ``figsize`` is given).
-    figsize
-        Figure size in inches.
-    show
-        Show the figure (default: unless ``save`` is given).
-    save
-        Save the figure to this path.
+    {panel_size}
+    {show_save}
 
     Returns
     -------

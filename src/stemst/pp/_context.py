@@ -10,6 +10,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from stemst._docs import doc_embedding_key, doc_params, doc_table_key
 from stemst._logging import logger
 from stemst._schema import (
     SECTION_KEY,
@@ -127,6 +128,7 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(0)) / (x.std(0) + 1e-3)
 
 
+@doc_params(embedding_key=doc_embedding_key, table_key=doc_table_key)
 def spatial_context(
     data: Any,
     *,
@@ -149,24 +151,23 @@ def spatial_context(
     ----------
     data
         SpatialData or AnnData with ``obsm[embedding_key]`` (see :func:`stemst.pp.embed_patches`).
-    embedding_key
-        The per-spot embedding.
+    {embedding_key}
+        Here the per-spot image embedding, ``"X_<encoder>"``.
     n_rings
         Neighbour rings to add.
     use_views
-        Use the mean over the views ``obsm[f"{embedding_key}_views"]`` as the own embedding when present.
+        Use the mean over the views ``obsm[f"{{embedding_key}}_views"]`` as the own embedding when present.
     standardize
         Standardise every feature within each section (zero mean, unit variance), which removes stain and
         scanner shifts between sections; predictions are compared within a section, so nothing is lost.
-    table_key
-        Table key for SpatialData inputs.
+    {table_key}
 
     Returns
     -------
-    The key of the context features, ``f"{embedding_key}_context"``. Sets in the table:
+    The key of the context features, ``f"{{embedding_key}}_context"``. Sets in the table:
 
-    - ``obsm[f"{embedding_key}_ring{k}"]``: mean own-embedding of ring ``k``, for ``k = 1..n_rings``;
-    - ``obsm[f"{embedding_key}_context"]``: ``[own, ring1, ..., ring_n]`` concatenated, ``(n, (1 + n_rings) d)``,
+    - ``obsm[f"{{embedding_key}}_ring{{k}}"]``: mean own-embedding of ring ``k``, for ``k = 1..n_rings``;
+    - ``obsm[f"{{embedding_key}}_context"]``: ``[own, ring1, ..., ring_n]`` concatenated, ``(n, (1 + n_rings) d)``,
       standardised per section if ``standardize`` (the input of :func:`stemst.tl.fit` and the baselines);
     - ``uns['stemst']['context'][key]``: the settings and each section's grid spacing.
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from stemst._docs import doc_params, doc_table_key
 from stemst._logging import logger
 from stemst._schema import PANEL_KEY, SECTION_KEY, TABLE_KEY, UNS_KEY, StemstDataError, get_table, section_mask
 from stemst._schema import sections as _sections
@@ -146,6 +147,7 @@ def _unmeasured(adata: ad.AnnData, genes: Sequence[str], train: list[str]) -> di
     return out
 
 
+@doc_params(table_key=doc_table_key)
 def select_genes(
     data: Any,
     *,
@@ -190,8 +192,7 @@ def select_genes(
         Highly variable genes per section for ``"hmhvg"``.
     exclude
         Case-insensitive gene-name prefixes never put in the panel (mitochondrial and ribosomal genes).
-    table_key
-        Table to use when ``data`` is a SpatialData.
+    {table_key}
     key_added
         ``var`` column flagging the panel and ``uns`` key of the parameters.
     inplace
@@ -201,7 +202,7 @@ def select_genes(
     -------
     With ``inplace=False`` the panel genes (ordered by decreasing mean count for ``"hmhvg"``, by HVG rank for
     ``"hvg"``). With ``inplace=True`` nothing; sets ``var[key_added]`` (bool) and ``uns[key_added]`` =
-    ``{"method", "train_sections", "n_genes", "genes", ...}``.
+    ``{{"method", "train_sections", "n_genes", "genes", ...}}``.
 
     Raises
     ------

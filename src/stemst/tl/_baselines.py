@@ -1,16 +1,37 @@
 """Honest baselines on the same embeddings and targets as the diffusion model: ridge, k-nearest neighbours, MLP.
 
-Each is a :class:`~stemst.tl.Predictor`, so :func:`stemst.tl.predict` serves them and writes the same prediction
-table as for the diffusion model, and :func:`stemst.tl.evaluate` scores them the same way.
+Each is a :class:`~stemst.tl.Predictor` wrapping a fitted scikit-learn estimator (``model.estimator``, a
+:class:`~sklearn.pipeline.Pipeline` from embeddings to targets), so :func:`stemst.tl.predict` serves them and writes
+the same prediction table as for the diffusion model, and :func:`stemst.tl.evaluate` scores them the same way.
 """
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge
+from sklearn.metrics import make_scorer
+from sklearn.model_selection import GridSearchCV, GroupShuffleSplit, LeaveOneGroupOut
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
+from stemst._docs import (
+    doc_embedding_key,
+    doc_layer,
+    doc_params,
+    doc_progress,
+    doc_rng,
+    doc_table_key,
+    doc_transform,
+)
 from stemst._logging import logger
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError
 from stemst._utils import RNGLike, as_generator
@@ -23,32 +44,40 @@ HEST_PCA_DIM = 256
 #: ``alpha="cv"`` grid, relative to the largest eigenvalue of the training design (Z^T Z)
 CV_ALPHA_GRID = tuple(np.logspace(-6, 1, 15))
 BASELINES = ("ridge", "knn", "mlp")
-
-
-class _Standardizer:
-    """Per-feature standardisation with the training mean and standard deviation (constant features -> 0)."""
-
-    def __init__(self, X: np.ndarray) -> None:
-        self.mean = X.mean(0)
-        std = X.std(0)
-        self.std = np.where(std > 1e-8, std, 1.0)
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        return (np.asarray(X, np.float64) - self.mean) / self.std
+#: settings of the torch MLP that preceded the scikit-learn one, and what replaced them
+_RETIRED_MLP = {
+    "steps": "max_epochs",
+    "eval_every": "(evaluated every epoch)",
+    "dropout": "alpha (L2 penalty)",
+    "weight_decay": "alpha (L2 penalty)",
+}
 
 
 class _Baseline(Predictor):
-    """A deterministic baseline: ``predict_mean`` maps embeddings to targets; every sample equals it."""
+    """A deterministic baseline: a fitted scikit-learn regressor ``estimator`` maps embeddings to targets."""
 
     def __init__(
-        self, *, genes: list[str], embedding_key: str, transform: str, encoder: dict | None, settings: dict
+        self,
+        *,
+        estimator: Any,
+        genes: list[str],
+        embedding_key: str,
+        transform: str,
+        encoder: dict | None,
+        settings: dict,
     ) -> None:
         super().__init__(genes=genes, embedding_key=embedding_key, transform=transform, encoder=encoder)
+        self.estimator = estimator
         self.settings = dict(settings)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the embeddings the estimator was fitted on (checked by :meth:`check_table`)."""
+        return int(self.estimator.n_features_in_)
 
     def predict_mean(self, X: np.ndarray) -> np.ndarray:
         """``(n, n_genes)`` predictions on the model scale."""
-        raise NotImplementedError
+        return np.asarray(self.estimator.predict(np.asarray(X, np.float64)), np.float64).reshape(len(X), -1)
 
     def sample(
         self, X: np.ndarray, *, n_samples: int = 1, rng: RNGLike = None, progress: bool = True, **kwargs: Any
@@ -73,89 +102,32 @@ class _Baseline(Predictor):
 # ridge
 
 
-def _pca_basis(Xs: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top principal axes ``(d, p)`` and the singular values of the centred ``Xs``."""
-    Xc = Xs - Xs.mean(0)
-    _, s, vt = np.linalg.svd(Xc, full_matrices=False)
-    p = min(n_components, len(s))
-    return vt[:p].T, s[:p]
-
-
-def ridge_path(Z: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge coefficients for several penalties at once, with an unpenalised intercept.
-
-    Solves ``min_w ||Y - b - Z w||^2 + alpha ||w||^2`` for each ``alpha`` through one SVD of the centred ``Z``.
-
-    Returns
-    -------
-    ``(len(alphas), p, g)`` coefficients and the ``(g,)`` target means; predictions are
-    ``(Z_new - Z.mean(0)) @ W[i] + Y.mean(0)``.
-    """
-    zc = Z - Z.mean(0)
-    yc = Y - Y.mean(0)
-    u, s, vt = np.linalg.svd(zc, full_matrices=False)
-    uty = u.T @ yc
-    W = np.stack([vt.T @ ((s / (s**2 + a))[:, None] * uty) for a in alphas])
-    return W, Y.mean(0)
-
-
 class RidgeBaseline(_Baseline):
-    """Standardise, project on the top principal components, ridge regression (the HEST-Benchmark linear probe)."""
+    """Standardise, project on the top principal components, ridge regression (the HEST-Benchmark linear probe).
+
+    ``estimator`` is a fitted ``Pipeline(StandardScaler, PCA, Ridge)``; with ``alpha="cv"``, ``search`` is the fitted
+    :class:`~sklearn.model_selection.GridSearchCV` and ``cv_scores`` its leave-one-section-out mean Pearson r per
+    penalty.
+    """
 
     method = "ridge"
 
-    def __init__(
-        self,
-        *,
-        scaler: _Standardizer,
-        axes: np.ndarray,
-        z_mean: np.ndarray,
-        coef: np.ndarray,
-        y_mean: np.ndarray,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.scaler, self.axes, self.z_mean, self.coef, self.y_mean = scaler, axes, z_mean, coef, y_mean
 
-    def predict_mean(self, X: np.ndarray) -> np.ndarray:
-        """Linear prediction from the principal-component scores."""
-        z = self.scaler(X) @ self.axes
-        return (z - self.z_mean) @ self.coef + self.y_mean
+def _mean_pearson(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean per-gene Pearson r over the genes where it is defined (-1 when none is): the CV score."""
+    r = pearson_per_gene(np.asarray(y_pred), np.asarray(y_true))
+    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
 
 
-def _ridge_design(X: np.ndarray, n_components: int) -> tuple[_Standardizer, np.ndarray, np.ndarray]:
-    scaler = _Standardizer(X)
-    Xs = scaler(X)
-    axes, _ = _pca_basis(Xs, min(n_components, len(X) - 1, X.shape[1]))
-    return scaler, axes, Xs @ axes
-
-
-def _cv_alpha(
-    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_components: int, grid: Sequence[float]
-) -> tuple[float, dict[str, list[float]]]:
-    """Leave-one-section-out choice of the ridge penalty, maximising the mean per-gene Pearson r on held-out sections.
-
-    The grid is relative to the largest eigenvalue of each fold's design, so it adapts to the number of spots.
-    """
-    folds = np.unique(groups)
-    if len(folds) < 2:
-        raise StemstDataError(f"alpha='cv' needs at least 2 training sections (leave one out), got {folds.tolist()}.")
-    scores = np.zeros((len(folds), len(grid)))
-    scale = 0.0
-    for i, f in enumerate(folds):
-        tr, te = groups != f, groups == f
-        scaler, axes, Z = _ridge_design(X[tr], n_components)
-        top = float(np.linalg.norm(Z - Z.mean(0), 2) ** 2)
-        scale += top / len(folds)
-        W, y_mean = ridge_path(Z, Y[tr], [g * top for g in grid])
-        zt = scaler(X[te]) @ axes - Z.mean(0)
-        for j in range(len(grid)):
-            r = pearson_per_gene(zt @ W[j] + y_mean, Y[te])
-            scores[i, j] = np.nanmean(r) if np.isfinite(r).any() else -1.0
-    mean = scores.mean(0)
-    best = int(np.argmax(mean))
-    logger.info("Ridge CV over %d sections: best relative alpha %.2g (mean r %.3f)", len(folds), grid[best], mean[best])
-    return float(grid[best]), {"relative_alpha": list(map(float, grid)), "mean_pearson": mean.tolist()}
+def _ridge_pipeline(n_components: int, alpha: float = 1.0, memory: str | None = None) -> Pipeline:
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("pca", PCA(n_components=n_components, svd_solver="full")),
+            ("ridge", Ridge(alpha=alpha)),
+        ],
+        memory=memory,
+    )
 
 
 def _fit_ridge(
@@ -171,32 +143,62 @@ def _fit_ridge(
     """Fit the ridge probe.
 
     ``alpha="hest"`` uses the HEST-Benchmark setting ``100 / (n_components * n_genes)`` (there with scikit-learn's
-    ``Ridge(fit_intercept=False)`` on standardised, PCA-256 embeddings; the centred PCA scores make its fit equal to
-    ours, which adds the target mean as intercept). ``alpha="cv"`` picks it by leave-one-section-out CV over
-    ``alpha_grid`` (relative to the largest eigenvalue of ``Z^T Z``); a number is used as is.
+    ``Ridge(fit_intercept=False)`` on standardised, PCA-256 embeddings; the PCA scores are centred, so its
+    coefficients equal ours, which also fit the target mean as intercept). ``alpha="cv"`` picks it by
+    leave-one-section-out CV (:class:`~sklearn.model_selection.LeaveOneGroupOut`, scored by the mean per-gene
+    Pearson r) over ``alpha_grid``, relative to the largest eigenvalue of the training design ``Z^T Z`` so that it
+    adapts to the number of spots; a number is used as is.
     """
-    scaler, axes, Z = _ridge_design(X, n_components)
-    cv = None
-    if alpha == "hest":
-        value = 100.0 / (Z.shape[1] * Y.shape[1])
-    elif alpha == "cv":
-        rel, cv = _cv_alpha(X, Y, groups, n_components, alpha_grid)
-        value = rel * float(np.linalg.norm(Z - Z.mean(0), 2) ** 2)
-    elif isinstance(alpha, int | float) and alpha >= 0:
-        value = float(alpha)
-    else:
+    if not (isinstance(alpha, str) and alpha in ("cv", "hest")) and not (
+        isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha >= 0
+    ):
         raise ValueError(f"alpha must be 'cv', 'hest' or a non-negative number, got {alpha!r}.")
-    W, y_mean = ridge_path(Z, Y, [value])
+    if int(n_components) < 1:
+        raise ValueError(f"n_components must be >= 1, got {n_components}.")
+    folds = np.unique(groups)
+    if alpha == "cv" and len(folds) < 2:
+        raise StemstDataError(f"alpha='cv' needs at least 2 training sections (leave one out), got {folds.tolist()}.")
+    # PCA needs no more components than the smallest training set (of the CV folds) has spots minus one
+    n_min = min(int((groups != f).sum()) for f in folds) if alpha == "cv" else len(X)
+    p = max(1, min(int(n_components), X.shape[1], n_min - 1))
+    search, cv_scores = None, None
+    if alpha == "cv":
+        top = float(_ridge_pipeline(p)[:-1].fit(X).named_steps["pca"].singular_values_[0] ** 2)
+        alphas = [float(g) * top for g in alpha_grid]
+        with tempfile.TemporaryDirectory(prefix="stemst_ridge_") as cache:  # fit scaler + PCA once per fold
+            search = GridSearchCV(
+                _ridge_pipeline(p, memory=cache),
+                {"ridge__alpha": alphas},
+                scoring=make_scorer(_mean_pearson),
+                cv=LeaveOneGroupOut(),
+                error_score="raise",
+            ).fit(X, Y, groups=groups)
+            estimator = search.best_estimator_.set_params(memory=None)
+        value = float(search.best_params_["ridge__alpha"])
+        scores = search.cv_results_["mean_test_score"]
+        cv_scores = {
+            "relative_alpha": list(map(float, alpha_grid)),
+            "alpha": alphas,
+            "mean_pearson": [float(s) for s in scores],
+        }
+        best = int(search.best_index_)
+        logger.info(
+            "Ridge CV over %d sections: best relative alpha %.2g (mean r %.3f)",
+            len(folds),
+            alpha_grid[best],
+            scores[best],
+        )
+    else:
+        value = 100.0 / (p * Y.shape[1]) if alpha == "hest" else float(alpha)
+        estimator = _ridge_pipeline(p, value).fit(X, Y)
     settings = {
         **base.pop("settings"),
         "alpha": value,
         "alpha_rule": alpha if isinstance(alpha, str) else "fixed",
-        "n_components": int(Z.shape[1]),
+        "n_components": p,
     }
-    model = RidgeBaseline(
-        scaler=scaler, axes=axes, z_mean=Z.mean(0), coef=W[0], y_mean=y_mean, settings=settings, **base
-    )
-    model.cv_scores = cv
+    model = RidgeBaseline(estimator=estimator, settings=settings, **base)
+    model.search, model.cv_scores = search, cv_scores
     return model
 
 
@@ -205,52 +207,17 @@ def _fit_ridge(
 
 
 class KNNBaseline(_Baseline):
-    """Mean target of the ``k`` training spots nearest in standardised embedding space (BLEEP's inference rule)."""
+    """Mean target of the ``k`` training spots nearest in standardised embedding space (BLEEP's inference rule).
+
+    ``estimator`` is a fitted ``Pipeline(StandardScaler, KNeighborsRegressor)``.
+    """
 
     method = "knn"
 
-    def __init__(
-        self,
-        *,
-        scaler: _Standardizer,
-        train_X: np.ndarray,
-        train_Y: np.ndarray,
-        k: int,
-        metric: str,
-        batch_size: int = 1024,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.scaler, self.k, self.metric, self.batch_size = scaler, k, metric, batch_size
-        self.train_X = self._prepare(train_X)
-        self.train_Y = np.asarray(train_Y, np.float64)
-
-    def _prepare(self, X: np.ndarray) -> np.ndarray:
-        Xs = self.scaler(X)
-        if self.metric == "cosine":
-            Xs = Xs / np.maximum(np.linalg.norm(Xs, axis=1, keepdims=True), 1e-12)
-        return Xs
-
     def neighbours(self, X: np.ndarray) -> np.ndarray:
-        """``(n, k)`` indices of the nearest training spots, nearest first."""
-        Q = self._prepare(X)
-        out = np.empty((len(Q), self.k), dtype=np.int64)
-        sq = (self.train_X**2).sum(1)
-        for start in range(0, len(Q), self.batch_size):
-            q = Q[start : start + self.batch_size]
-            d = sq[None, :] - 2.0 * q @ self.train_X.T  # squared euclidean up to a per-row constant (cosine: 2 - 2cos)
-            idx = (
-                np.argpartition(d, self.k - 1, axis=1)[:, : self.k]
-                if self.k < d.shape[1]
-                else np.tile(np.arange(d.shape[1]), (len(q), 1))
-            )
-            order = np.argsort(np.take_along_axis(d, idx, 1), axis=1, kind="stable")
-            out[start : start + len(q)] = np.take_along_axis(idx, order, 1)
-        return out
-
-    def predict_mean(self, X: np.ndarray) -> np.ndarray:
-        """Average of the neighbours' targets."""
-        return self.train_Y[self.neighbours(X)].mean(1)
+        """``(n, k)`` indices of the nearest training rows, nearest first."""
+        Xs = self.estimator[:-1].transform(np.asarray(X, np.float64))
+        return self.estimator[-1].kneighbors(Xs, return_distance=False)
 
 
 def _fit_knn(
@@ -263,10 +230,11 @@ def _fit_knn(
     k_used = min(int(k), len(X))
     if k_used < k:
         logger.warning("k=%d exceeds the %d training spots; using k=%d", k, len(X), k_used)
+    estimator = Pipeline(
+        [("scale", StandardScaler()), ("knn", KNeighborsRegressor(n_neighbors=k_used, metric=metric))]
+    ).fit(X, Y)
     settings = {**base.pop("settings"), "k": k_used, "metric": metric}
-    return KNNBaseline(
-        scaler=_Standardizer(X), train_X=X, train_Y=Y, k=k_used, metric=metric, settings=settings, **base
-    )
+    return KNNBaseline(estimator=estimator, settings=settings, **base)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,80 +242,67 @@ def _fit_knn(
 
 
 class MLPBaseline(_Baseline):
-    """A one-hidden-layer perceptron on standardised embeddings, trained on standardised targets (MSE)."""
+    """One hidden layer on standardised embeddings, trained on standardised targets, early-stopped on held-out data.
+
+    ``estimator`` is a fitted ``Pipeline(StandardScaler, MLPRegressor)`` that predicts on the target scale (the
+    target standardisation is folded into the output layer); ``history`` holds the training and held-out loss per
+    epoch.
+    """
 
     method = "mlp"
 
-    def __init__(
-        self,
-        *,
-        scaler: _Standardizer,
-        y_mean: np.ndarray,
-        y_std: np.ndarray,
-        net: Any,
-        history: list[dict],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.scaler, self.y_mean, self.y_std, self.net, self.history = scaler, y_mean, y_std, net, history
 
-    def predict_mean(self, X: np.ndarray) -> np.ndarray:
-        """Network output mapped back to the target scale."""
-        import torch
-
-        self.net.eval()
-        with torch.inference_mode():
-            out = self.net(torch.as_tensor(self.scaler(X), dtype=torch.float32)).numpy()
-        return out.astype(np.float64) * self.y_std + self.y_mean
+def _validation_rows(
+    groups: np.ndarray, spots: np.ndarray, val_section: str | None, fraction: float, seed: int
+) -> np.ndarray:
+    """Boolean mask of the held-out rows: a training section, or a random ``fraction`` of the spots (views together)."""
+    if val_section is not None:
+        val = groups == val_section
+        if not val.any() or val.all():
+            raise StemstDataError(
+                f"val_section={val_section!r} must be one of several training sections {np.unique(groups).tolist()}."
+            )
+        return val
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}.")
+    split = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    _, held = next(split.split(spots, groups=spots))
+    val = np.zeros(len(spots), dtype=bool)
+    val[held] = True
+    return val
 
 
-def _train_mlp(
-    xt: Any,
-    yt: Any,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    gen: np.random.Generator,
-    seed: int,
+def _train_early_stopped(
+    mlp: MLPRegressor,
+    train: tuple[np.ndarray, np.ndarray],
+    held_out: tuple[np.ndarray, np.ndarray],
     *,
-    hidden: int,
-    dropout: float,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    eval_every: int,
+    max_epochs: int,
+    patience: int,
     progress: bool,
-) -> tuple[Any, list[dict], float]:
-    import torch
-    from torch import nn
+) -> tuple[MLPRegressor, float, list[dict]]:
+    """Train one ``partial_fit`` epoch at a time, scoring the held-out rows after each.
+
+    Returns a copy of the network of the lowest held-out MSE, that MSE, and the history (one record per epoch).
+    """
     from tqdm.auto import tqdm
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = nn.Sequential(
-            nn.Linear(xt.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, yt.shape[1])
-        )
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        history, best, best_state = [], np.inf, None
-        for step in tqdm(range(1, steps + 1), desc="mlp", disable=not progress):
-            net.train()
-            batch = torch.as_tensor(gen.choice(train_idx, size=min(batch_size, len(train_idx)), replace=False))
-            loss = nn.functional.mse_loss(net(xt[batch]), yt[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            record = {"step": step, "loss": float(loss.detach())}
-            if len(val_idx) and (step % eval_every == 0 or step == steps):
-                net.eval()
-                with torch.inference_mode():
-                    record["val_loss"] = float(nn.functional.mse_loss(net(xt[val_idx]), yt[val_idx]))
-                if record["val_loss"] < best:
-                    best, best_state = record["val_loss"], {k: v.clone() for k, v in net.state_dict().items()}
-                    record["best"] = True
-            history.append(record)
-        if best_state is not None:
-            net.load_state_dict(best_state)
-    return net, history, best
+    history: list[dict] = []
+    best, best_mlp, wait = np.inf, mlp, 0
+    steps_per_epoch = int(np.ceil(len(train[0]) / mlp.batch_size))
+    for epoch in tqdm(range(1, max_epochs + 1), desc="mlp", disable=not progress):
+        mlp.partial_fit(*train)
+        val_loss = float(np.mean((mlp.predict(held_out[0]) - held_out[1]) ** 2))
+        record = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": float(mlp.loss_), "val_loss": val_loss}
+        history.append(record)
+        if val_loss < best:
+            best, best_mlp, wait = val_loss, copy.deepcopy(mlp), 0
+            record["best"] = True
+        else:
+            wait += 1
+            if wait >= patience:
+                break
+    return best_mlp, best, history
 
 
 def _fit_mlp(
@@ -355,76 +310,82 @@ def _fit_mlp(
     Y: np.ndarray,
     groups: np.ndarray,
     *,
+    spots: np.ndarray | None = None,
     hidden: int = 256,
-    dropout: float = 0.2,
-    steps: int = 400,
+    alpha: float = 100.0,
     batch_size: int = 128,
     lr: float = 1e-3,
-    weight_decay: float = 1e-2,
+    max_epochs: int = 200,
+    patience: int = 10,
     val_section: str | None = None,
-    eval_every: int = 20,
+    validation_fraction: float = 0.15,
     rng: RNGLike = 0,
     progress: bool = True,
     **base: Any,
 ) -> MLPBaseline:
-    """Train the MLP with AdamW for ``steps`` steps.
+    """Train :class:`~sklearn.neural_network.MLPRegressor` (Adam) one epoch at a time with ``partial_fit``.
 
-    With ``val_section``, that training section is held out and the weights with the lowest held-out MSE are kept
-    (early stopping).
+    The held-out rows (``val_section``, else a random ``validation_fraction`` of the training spots) are scored
+    after every epoch; training stops after ``patience`` epochs without a lower held-out MSE, and the network of
+    the best epoch is kept. The scalers are fitted on the rows trained on.
     """
-    import torch
-
+    sizes = {"hidden": hidden, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience}
+    for name, value in sizes.items():
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
     gen = as_generator(rng)
     seed = int(gen.integers(2**31 - 1))
-    val = np.zeros(len(X), dtype=bool) if val_section is None else groups == val_section
-    if val_section is not None and (not val.any() or val.all()):
-        raise StemstDataError(
-            f"val_section={val_section!r} must be one of several training sections {np.unique(groups).tolist()}."
+    spots = np.arange(len(X)) if spots is None else spots
+    val = _validation_rows(groups, spots, val_section, validation_fraction, seed)
+    x_scaler = StandardScaler().fit(X[~val])
+    y_scaler = StandardScaler().fit(Y[~val])
+    x_tr, x_val = (x_scaler.transform(X[m]).astype(np.float32) for m in (~val, val))
+    y_tr, y_val = (y_scaler.transform(Y[m]).astype(np.float32) for m in (~val, val))
+    mlp = MLPRegressor(
+        hidden_layer_sizes=(int(hidden),),
+        alpha=alpha,
+        batch_size=min(int(batch_size), len(x_tr)),
+        learning_rate_init=lr,
+        random_state=np.random.RandomState(seed),  # an instance, so the shuffles differ between epochs
+    )
+    # the network is small: one BLAS thread is as fast and avoids oversubscription (10x slower on a busy machine)
+    with threadpool_limits(limits=1, user_api="blas"):
+        best_mlp, best, history = _train_early_stopped(
+            mlp, (x_tr, y_tr), (x_val, y_val), max_epochs=int(max_epochs), patience=int(patience), progress=progress
         )
-    scaler = _Standardizer(X[~val])
-    y_mean, y_std = Y[~val].mean(0), Y[~val].std(0)
-    y_std = np.where(y_std > 1e-8, y_std, 1.0)
-    xt = torch.as_tensor(scaler(X), dtype=torch.float32)
-    yt = torch.as_tensor((Y - y_mean) / y_std, dtype=torch.float32)
-    train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
-    threads = torch.get_num_threads()
-    # the network is tiny: one CPU thread is as fast and avoids oversubscription (10x slower on a busy machine)
-    torch.set_num_threads(1)
-    try:
-        net, history, best = _train_mlp(
-            xt,
-            yt,
-            train_idx,
-            val_idx,
-            gen,
-            seed,
-            hidden=hidden,
-            dropout=dropout,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            eval_every=eval_every,
-            progress=progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    # fold the target standardisation into the output layer: the pipeline then predicts on the target scale
+    best_mlp.coefs_[-1] = best_mlp.coefs_[-1] * y_scaler.scale_.astype(np.float32)
+    best_mlp.intercepts_[-1] = (best_mlp.intercepts_[-1] * y_scaler.scale_ + y_scaler.mean_).astype(np.float32)
+    estimator = Pipeline([("scale", x_scaler), ("mlp", best_mlp)])
+    best_epoch = next((h["epoch"] for h in reversed(history) if h.get("best")), len(history))
+    logger.info("MLP: best held-out MSE %.4f at epoch %d of %d", best, best_epoch, len(history))
     settings = {
         **base.pop("settings"),
-        "hidden": hidden,
-        "steps": steps,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "dropout": dropout,
+        "hidden": int(hidden),
+        "alpha": float(alpha),
+        "lr": float(lr),
+        "batch_size": int(mlp.batch_size),
+        "val_section": val_section if val_section is not None else f"random {validation_fraction:g} of spots",
+        "best_epoch": best_epoch,
+        "epochs": len(history),
+        "best_val_loss": float(best),
     }
-    if val_section is not None:
-        settings.update(val_section=val_section, best_val_loss=float(best))
-    return MLPBaseline(scaler=scaler, y_mean=y_mean, y_std=y_std, net=net, history=history, settings=settings, **base)
+    model = MLPBaseline(estimator=estimator, settings=settings, **base)
+    model.history = history
+    return model
 
 
 _FITTERS = {"ridge": _fit_ridge, "knn": _fit_knn, "mlp": _fit_mlp}
 
 
+@doc_params(
+    embedding_key=doc_embedding_key,
+    transform=doc_transform,
+    table_key=doc_table_key,
+    layer=doc_layer,
+    rng=doc_rng,
+    progress=doc_progress,
+)
 def fit_baseline(
     data: Any,
     *,
@@ -442,55 +403,72 @@ def fit_baseline(
 ) -> Predictor:
     """Fit a baseline on the same embeddings and targets as :func:`stemst.tl.fit`.
 
+    Every baseline is a scikit-learn :class:`~sklearn.pipeline.Pipeline`, fitted and kept as ``model.estimator``.
+
     Parameters
     ----------
     data
         SpatialData, AnnData or a list of them, with embeddings in ``obsm[embedding_key]``.
     method
-        ``"ridge"``: standardise, PCA to 256 dims (fewer if there are fewer spots or features), ridge regression
-        with an intercept. ``method_kwargs``: ``alpha="cv"`` (default; leave-one-section-out CV over the training
-        sections, maximising the mean per-gene Pearson r), ``"hest"`` (the HEST-Benchmark setting
-        ``100 / (n_components * n_genes)``, nearly unregularised) or a number; ``n_components=256``.
-        ``"knn"``: the mean target of the ``k`` nearest training spots on standardised embeddings (BLEEP's
-        inference rule, the Stem paper's ablation); ``k=50``, ``metric="cosine"`` or ``"euclidean"``.
-        ``"mlp"``: one hidden layer (torch, AdamW, MSE on standardised targets); ``hidden=256``, ``steps=400``,
-        ``batch_size=128``, ``lr=1e-3``, ``weight_decay=1e-2``, ``dropout=0.2``, ``val_section=None`` (a training
-        section to hold out for early stopping; else a fixed number of steps).
-    embedding_key
-        ``obsm`` key of the embeddings, e.g. ``"X_efficientnet_lite0"``.
+        ``"ridge"``: :class:`~sklearn.preprocessing.StandardScaler`, :class:`~sklearn.decomposition.PCA` to 256
+        dims (fewer if there are fewer spots or features), :class:`~sklearn.linear_model.Ridge` with an intercept.
+        ``method_kwargs``: ``alpha="cv"`` (default; :class:`~sklearn.model_selection.GridSearchCV` with
+        leave-one-section-out folds over the training sections, maximising the mean per-gene Pearson r, over a
+        grid relative to the largest eigenvalue of the PCA design; ``alpha_grid=`` the relative grid),
+        ``"hest"`` (the HEST-Benchmark probe: ``100 / (n_components * n_genes)``, nearly unregularised) or a
+        number; ``n_components=256``.
+        ``"knn"``: the mean target of the ``k`` nearest training spots on standardised embeddings
+        (:class:`~sklearn.neighbors.KNeighborsRegressor`; BLEEP's inference rule, the Stem paper's ablation);
+        ``k=50``, ``metric="cosine"`` or ``"euclidean"``.
+        ``"mlp"``: one hidden layer (:class:`~sklearn.neural_network.MLPRegressor`, ReLU, Adam, squared error on
+        standardised targets), early-stopped on held-out training data: after every epoch the held-out MSE is
+        measured and the network of the best epoch is kept. ``val_section=None`` (a training section to hold out;
+        default a random ``validation_fraction=0.15`` of the training spots, all views of a spot together),
+        ``hidden=256``, ``alpha=100`` (L2 penalty of :class:`~sklearn.neural_network.MLPRegressor`; strong, as
+        the embeddings are wide and the spots few), ``lr=1e-3``, ``batch_size=128``, ``max_epochs=200``,
+        ``patience=10``.
+    {embedding_key}
     genes
         Gene panel (default ``var['stemst_panel']``).
     sections
-        Training sections (all if ``None``).
-    transform
-        Target transform (see :func:`stemst.pp.transform_counts`).
+        Training sections (a name or a list of names; all if ``None``).
+    {transform}
     augment
-        Use the 8 flip/rotation views ``obsm[f"{embedding_key}_views"]`` as extra training rows with the same target.
-    table_key
-        Table key for SpatialData inputs.
-    layer
-        Counts layer (``X`` if ``None``).
-    rng
-        Seed or generator (MLP initialisation and batches).
-    progress
-        Show a progress bar (MLP).
+        Use the 8 flip/rotation views ``obsm[f"{{embedding_key}}_views"]`` as extra training rows with the same
+        target.
+    {table_key}
+    {layer}
+    {rng}
+        Used by the MLP (initialisation, batches and the random held-out spots).
+    {progress}
+        Used by the MLP (one step per epoch).
     **method_kwargs
         Settings of the method, listed above.
 
     Returns
     -------
-    A deterministic :class:`~stemst.tl.Predictor`; run it with :func:`stemst.tl.predict` (table
-    ``"<method>_prediction"`` by default).
+    A deterministic :class:`~stemst.tl.Predictor` (:class:`~stemst.tl.RidgeBaseline`,
+    :class:`~stemst.tl.KNNBaseline` or :class:`~stemst.tl.MLPBaseline`) with the fitted pipeline in
+    ``.estimator``; run it with :func:`stemst.tl.predict` (table ``"<method>_prediction"`` by default).
 
     Examples
     --------
     >>> ridge = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_efficientnet_lite0",
     ...                                sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
+    >>> ridge.estimator  # doctest: +SKIP
+    Pipeline(steps=[('scale', StandardScaler()), ('pca', PCA(n_components=256, svd_solver='full')),
+                    ('ridge', Ridge(alpha=...))])
     >>> key = stemst.tl.predict(ridge, sdata, sections="C6")  # doctest: +SKIP
     >>> stemst.tl.evaluate(sdata, pred_key=key).summary["mean_pearson"]  # doctest: +SKIP
     """
     if method not in _FITTERS:
         raise ValueError(f"Unknown baseline {method!r}; choose one of {list(BASELINES)}.")
+    retired = [k for k in method_kwargs if method == "mlp" and k in _RETIRED_MLP]
+    if retired:
+        raise TypeError(
+            f"The MLP baseline runs on scikit-learn now and has no {retired} setting; use "
+            f"{sorted({_RETIRED_MLP[k] for k in retired})} instead (see stemst.tl.fit_baseline's docstring)."
+        )
     ts = training_set(
         data,
         embedding_key=embedding_key,
@@ -502,10 +480,11 @@ def fit_baseline(
         layer=layer,
     )
     X, Y, groups = ts.X.astype(np.float64), ts.Y.astype(np.float64), ts.sections
+    spots = np.arange(len(X))
     if augment:
         v = ts.views.shape[1]
         X = ts.views.reshape(-1, ts.views.shape[2]).astype(np.float64)
-        Y, groups = np.repeat(Y, v, axis=0), np.repeat(groups, v)
+        Y, groups, spots = np.repeat(Y, v, axis=0), np.repeat(groups, v), np.repeat(spots, v)
     logger.info("Fitting %s baseline on %d rows x %d features -> %d genes", method, len(X), X.shape[1], Y.shape[1])
     encoder = as_tables(data, table_key)[0].uns.get(UNS_KEY, {}).get("embeddings", {}).get(embedding_key)
     base = {
@@ -520,7 +499,7 @@ def fit_baseline(
         },
     }
     if method == "mlp":
-        method_kwargs.update(rng=rng, progress=progress)
+        method_kwargs.update(rng=rng, progress=progress, spots=spots)
     try:
         return _FITTERS[method](X, Y, groups, **method_kwargs, **base)
     except TypeError as err:

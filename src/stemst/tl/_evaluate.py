@@ -10,6 +10,15 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from stemst._docs import (
+    doc_genes_subset,
+    doc_layer,
+    doc_params,
+    doc_pred_key,
+    doc_sections,
+    doc_table_key,
+    doc_transform,
+)
 from stemst._logging import logger
 from stemst._schema import PREDICTION_KEY, SECTION_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
 from stemst._utils import RNGLike
@@ -90,6 +99,13 @@ def _aligned_measurement(pred: ad.AnnData, measured: ad.AnnData, pred_key: str, 
     return measured[pred.obs_names]
 
 
+@doc_params(
+    pred_key=doc_pred_key,
+    table_key=doc_table_key,
+    layer=doc_layer,
+    genes=doc_genes_subset,
+    sections=doc_sections,
+)
 def evaluate(
     sdata: Any,
     *,
@@ -113,16 +129,13 @@ def evaluate(
     ----------
     sdata
         :class:`~spatialdata.SpatialData` holding both tables.
-    pred_key
-        Prediction table (made by :func:`stemst.tl.predict` or :func:`stemst.tl.library_size_yardstick`).
-    table_key
-        Measured counts table.
-    layer
-        Counts layer of the measured table (``X`` if ``None``).
-    genes
-        Evaluate these genes only (default: the whole predicted panel).
-    sections
-        Evaluate these sections only (default: every spot of the prediction).
+    {pred_key}
+        Also a yardstick from :func:`stemst.tl.library_size_yardstick`.
+    {table_key}
+        The measured counts are read from it.
+    {layer}
+    {genes}
+    {sections}
     normalized
         Also compute every metric on library-normalised values (:func:`normalized_expression`), which removes spot
         depth from both sides.
@@ -139,7 +152,7 @@ def evaluate(
     An :class:`Evaluation` with ``.per_gene`` (DataFrame) and ``.summary`` (dict). With ``key_added``, also sets
     in ``sdata.tables[pred_key]``:
 
-    - ``uns[key_added]``: ``{"summary": ..., "params": ...}``;
+    - ``uns[key_added]``: ``{{"summary": ..., "params": ...}}``;
     - ``var[col]`` for each column ``col`` of ``.per_gene``.
 
     Examples
@@ -196,6 +209,7 @@ def evaluate(
     return Evaluation(per_gene=per_gene, summary=summary)
 
 
+@doc_params(table_key=doc_table_key)
 def compare(
     sdata: Any,
     pred_keys: Sequence[str],
@@ -212,8 +226,7 @@ def compare(
         :class:`~spatialdata.SpatialData` holding the tables.
     pred_keys
         Prediction tables to compare.
-    table_key
-        Measured counts table.
+    {table_key}
     names
         Row labels (default: the prediction keys).
     **kwargs
@@ -261,6 +274,7 @@ def _log_total(adata: ad.AnnData, layer: str | None) -> np.ndarray:
     return np.log1p(library_size(adata, layer=layer))[:, None].astype(np.float32)
 
 
+@doc_params(transform=doc_transform, table_key=doc_table_key, layer=doc_layer)
 def library_size_yardstick(
     sdata: Any,
     *,
@@ -289,12 +303,10 @@ def library_size_yardstick(
         Sections to predict (default: all sections not in ``train_sections``).
     genes
         Gene panel (see :func:`stemst.tl._data.resolve_genes`; default ``var['stemst_panel']``).
-    transform
-        Target transform, as for the model being compared.
-    table_key
-        Counts table.
-    layer
-        Counts layer (``X`` if ``None``).
+    {transform}
+        Use the one of the model being compared.
+    {table_key}
+    {layer}
     key_added
         Name of the prediction table.
 

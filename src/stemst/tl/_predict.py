@@ -9,6 +9,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from stemst._docs import (
+    doc_overwrite,
+    doc_params,
+    doc_progress,
+    doc_rng,
+    doc_sections,
+    doc_table_key,
+)
 from stemst._errors import warn
 from stemst._logging import logger
 from stemst._schema import (
@@ -57,6 +65,7 @@ def _check_resolution(model: Predictor, src: ad.AnnData) -> None:
             )
 
 
+@doc_params(table_key=doc_table_key, sections=doc_sections, overwrite=doc_overwrite, rng=doc_rng, progress=doc_progress)
 def predict(
     model: Predictor,
     data: Any,
@@ -79,23 +88,17 @@ def predict(
         A trained :class:`~stemst.tl.StemstModel` or baseline.
     data
         :class:`~spatialdata.SpatialData` with an embedded table, or an :class:`~anndata.AnnData`.
-    table_key
-        Table holding the embeddings.
-    sections
-        Predict only these sections (all if ``None``).
+    {table_key}
+    {sections}
     n_samples
         Samples per spot (ignored, i.e. 1, for deterministic baselines).
     key_added
         Name of the new table; default ``"stemst_prediction"`` (``"<method>_prediction"`` for baselines).
-    overwrite
-        Replace an existing table of that name (never the counts table ``table_key``); by default an existing
-        name is refused before anything is computed.
+    {overwrite}
     keep_samples
         Store the samples in ``obsm['samples']``.
-    rng
-        Seed or generator, for reproducible samples.
-    progress
-        Show a progress bar.
+    {rng}
+    {progress}
     **sample_kwargs
         Passed to the model's ``sample``, e.g. ``sampler="dpmpp_2m", steps=25`` for the diffusion model.
 
@@ -148,7 +151,10 @@ def predict(
     obs = pd.DataFrame(index=src.obs_names.copy())
     for col in src.obs.columns:
         if col in ("section", REGION_KEY, INSTANCE_KEY) or col.startswith("array_"):
-            obs[col] = src.obs[col].to_numpy()
+            values = src.obs[col]
+            if isinstance(values.dtype, pd.CategoricalDtype):  # kept categorical: squidpy's library_key needs it
+                values = values.cat.remove_unused_categories()
+            obs[col] = values.array.copy()
     var = pd.DataFrame(index=pd.Index(model.genes))
     var[PANEL_KEY] = True
     out = ad.AnnData(X=np.asarray(model.point_estimate(X, samples), np.float32), obs=obs, var=var)
@@ -180,6 +186,7 @@ def predict(
     return key
 
 
+@doc_params(table_key=doc_table_key, rng=doc_rng, progress=doc_progress)
 def predict_image(
     model: Predictor,
     sdata: Any,
@@ -200,7 +207,7 @@ def predict_image(
     """Predict expression over the tissue of a section that has an H&E image but no sequenced spots.
 
     Lays a square grid of pseudo-spots over the tissue (:func:`stemst.pp.grid_spots`), stores it as a circles element
-    ``f"{section}_grid"`` with a table ``f"{section}_grid_table"`` (no counts), embeds the patches with the model's
+    ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds the patches with the model's
     encoder and patch size (:func:`stemst.pp.embed_patches`) and runs :func:`predict` on them.
 
     Parameters
@@ -208,16 +215,15 @@ def predict_image(
     model
         A trained model with known encoder settings (``model.encoder``, from the training table).
     sdata
-        SpatialData with the image ``f"{section}_he"``; the section's metadata (µm per pixel) is read from
+        SpatialData with the image ``f"{{section}}_he"``; the section's metadata (µm per pixel) is read from
         ``tables[table_key].uns['stemst']['sections']``.
     section
         Section name.
     spacing_um
         Grid spacing; default the model's patch size (so neighbouring patches touch), else the spot diameter.
-    table_key
-        Table holding the section metadata.
+    {table_key}
     key_added
-        Name of the prediction table; default ``f"stemst_prediction_{section}_grid"``.
+        Name of the prediction table; default ``f"stemst_prediction_{{section}}_grid"``.
     min_tissue
         Fraction of a grid cell that must be tissue.
     encoder
@@ -226,14 +232,18 @@ def predict_image(
     overwrite
         Replace the grid, its table and the prediction table if they exist; by default existing ones are refused
         before anything is computed.
-    n_samples, rng, progress, sample_kwargs
-        As in :func:`predict`.
+    n_samples
+        Samples per spot (ignored, i.e. 1, for deterministic baselines).
     batch_size
         Patches per encoder forward pass.
+    {rng}
+    {progress}
+    **sample_kwargs
+        Passed to the model's ``sample``, as in :func:`predict`.
 
     Returns
     -------
-    The key of the new prediction table (same layout as :func:`predict`'s), annotating ``shapes[f"{section}_grid"]``.
+    The key of the new prediction table (same layout as :func:`predict`'s), annotating ``shapes[f"{{section}}_grid"]``.
     When the model was trained on spatial-context features (:func:`stemst.pp.spatial_context`), the grid's context
     is computed the same way. If any step fails, ``sdata`` is left as it was.
 

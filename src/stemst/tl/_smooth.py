@@ -6,10 +6,12 @@ from typing import Any
 
 import numpy as np
 
+from stemst._docs import doc_overwrite, doc_params, doc_pred_key
 from stemst._logging import logger
 from stemst._schema import PREDICTION_KEY, SECTION_KEY, SPATIAL_KEY, StemstDataError, get_table
 
 
+@doc_params(pred_key=doc_pred_key, overwrite=doc_overwrite)
 def smooth(
     sdata: Any,
     pred_key: str = PREDICTION_KEY,
@@ -30,19 +32,18 @@ def smooth(
     ----------
     sdata
         SpatialData holding the prediction table.
-    pred_key
+    {pred_key}
         The prediction to smooth.
     weight
         Weight of the neighbours' mean, in ``[0, 1]``.
     key_added
-        Key of the smoothed table (default ``f"{pred_key}_smoothed"``).
-    overwrite
-        Replace an existing table of that key.
+        Key of the smoothed table (default ``f"{{pred_key}}_smoothed"``).
+    {overwrite}
 
     Returns
     -------
     The key of the new table: a copy of the prediction with ``X`` and ``layers['counts']`` smoothed, and
-    ``uns['stemst_prediction']`` recording ``smoothing_weight`` and the method as ``f"{method}+smooth"``.
+    ``uns['stemst_prediction']`` recording ``smoothing_weight`` and the method as ``f"{{method}}+smooth"``.
 
     Examples
     --------
