@@ -6,9 +6,15 @@ size just before embedding (data opened, encoder built): the memory the embeddin
 is a lazy dask array (one 1024 px tile repeated 40 x 40 times) turned into a 5-level pyramid by
 stemst._schema.assemble: 4.7 GiB as uint8 if it were loaded whole.
 
-    STEMST_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/embed.py
+The ratio case measures, in one process, the encoder alone on random tensors (channels-last, inference mode, the
+same batch size, before and after) and the full embed_patches on HER2ST C2 with the 8 dihedral views: how much of the
+encoder's own rate the whole pipeline (reading, resampling, views, bookkeeping) keeps. No case reads or writes the
+embedding cache.
 
-writes benchmarks/results/embed.json and docs/benchmarks_embed.md.
+    STEMST_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/embed.py
+    python benchmarks/embed.py --cases her2st_c2_encoder_ratio     # the ratio case alone
+
+writes benchmarks/results/embed.json and docs/benchmarks_embed.md (runs of a subset of cases update those cases).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ CASES = {
     "her2st_c2_color_stats": ("her2st_c2", "color_stats", None, True),
     "synthetic_40k_efficientnet": ("synthetic_40k", "efficientnet_lite0", 256, False),
     "synthetic_40k_color_stats": ("synthetic_40k", "color_stats", None, True),
+    "her2st_c2_encoder_ratio": ("her2st_c2", "efficientnet_lite0", None, True),
 }
+#: cases that also time the encoder alone, for the ratio full pipeline / encoder only
+RATIO_CASES = {"her2st_c2_encoder_ratio"}
 
 
 def _rss_mib(field: str = "VmRSS") -> float:
@@ -97,6 +106,30 @@ def _synthetic_40k(n_spots: int = 2000):
     return assemble([sec]), "SYN"
 
 
+def encoder_rate(model, size: int, *, images: int = 384) -> float:
+    """Images/s of the encoder alone on random tensors: channels-last, inference mode, embed_patches' batch size."""
+    import torch
+
+    from stemst._torch import autocast, resolve_device
+    from stemst.pp._embed import default_batch_size
+
+    device = resolve_device("auto")
+    batch_size = default_batch_size(device)
+    batches = max(1, images // batch_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    x = torch.rand(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device):
+        model(x)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
 def run_case(name: str) -> dict:
     import numpy as np
     import spatialdata as sd
@@ -116,19 +149,28 @@ def run_case(name: str) -> dict:
         sdata = sd.SpatialData(
             images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table[rows].copy()}
         )
-    resolve_encoder(encoder).load()  # warm the weight file cache; the model is built again inside, as a user would
+    spec = resolve_encoder(encoder)
+    model = spec.load()  # warms the weight file cache; the model is built again inside, as a user would
+    ratio = name in RATIO_CASES
+    load_before = os.getloadavg()[0]
+    alone = [encoder_rate(model, spec.input_size)] if ratio else []
     image = get_image(sdata, section)
     before = _rss_mib()
     with PeakSampler() as peak:
         t0 = time.perf_counter()
-        stemst.pp.embed_patches(sdata, encoder=encoder, augment=augment, progress=False, device="auto")
+        stemst.pp.embed_patches(sdata, encoder=encoder, augment=augment, progress=False, device="auto", cache=False)
         seconds = time.perf_counter() - t0
+    if ratio:
+        alone.append(encoder_rate(model, spec.input_size))
     t = sdata.tables["table"]
     settings = t.uns["stemst"]["embeddings"][f"X_{encoder}"]
     n = t.n_obs
     views = 8 if augment else 1
-    return {
+    result = {
         "case": name,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average_1min_before": round(load_before, 2),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "data": data,
         "image_px": [int(s) for s in image.shape[1:]],
         "image_gib_if_loaded": round(float(np.prod(image.shape)) / 2**30, 2),
@@ -148,6 +190,10 @@ def run_case(name: str) -> dict:
         "peak_rise_mib": round(peak.peak - before, 1),
         "finite": bool(np.isfinite(t.obsm[f"X_{encoder}"]).all()),
     }
+    if ratio:
+        result["encoder_only_images_per_s"] = [round(r, 2) for r in alone]
+        result["ratio"] = round(result["images_per_s"] / float(np.mean(alone)), 3)
+    return result
 
 
 def _markdown(results: list[dict], meta: dict) -> str:
@@ -160,8 +206,8 @@ def _markdown(results: list[dict], meta: dict) -> str:
         "Peak RSS is the whole process (Python, libraries, encoder, and for HER2ST the decoded JPEG held in memory); "
         "*rise* is the peak above the resident size just before embedding, i.e. what embedding itself needs. "
         "Patches are read batch by batch from the lazy image, so the rise does not grow with the slide: the 40k x 40k "
-        "synthetic slide would take 4.7 GiB if loaded. With EfficientNet-Lite0 the rise (~1.4 GiB) is the encoder's "
-        "activations for a batch of 64 images at 224 px (lower `batch_size` to shrink it), the same for both slides; "
+        "synthetic slide would take 4.7 GiB if loaded. With EfficientNet-Lite0 the rise is mostly the encoder's "
+        "activations for one batch of images at 224 px (`batch_size`, default 16 on a CPU), the same for both slides; "
         "the colour-statistics encoder shows the cost of reading the patches alone (~50 MiB).",
         "",
         f"The machine was shared (1-minute load average {meta['load_average_1min']:.1f} on {meta['cpus']} cores), so "
@@ -176,6 +222,28 @@ def _markdown(results: list[dict], meta: dict) -> str:
             f"{r['patch_px']} ({r['level']}) | {r['seconds']} | {r['spots_per_s']} | {r['images_per_s']} | "
             f"{r['peak_rss_mib']} | {r['peak_rise_mib']} |"
         )
+    ratios = [r for r in results if "ratio" in r]
+    if ratios:
+        lines += [
+            "",
+            "## Whole pipeline vs the encoder alone",
+            "",
+            "In one process: the encoder alone on random tensors (channels-last, inference mode, `embed_patches`' "
+            "default batch size: 16 images on a CPU, 256 on CUDA), timed before and after `embed_patches` on the "
+            "section (8 dihedral views per spot, the same batch size, no cache). The ratio is the pipeline's images/s over the mean of the two encoder-only "
+            "rates: the share of the encoder's own speed that reading, resampling, the views and the bookkeeping keep. "
+            "Load averages are the 1-minute values before and after the case.",
+            "",
+            "| case | date | encoder alone (images/s, before / after) | embed_patches (images/s) | ratio | load avg |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ratios:
+            alone = " / ".join(f"{v:.1f}" for v in r["encoder_only_images_per_s"])
+            lines.append(
+                f"| {r['case']} | {r.get('date', '')} | {alone} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | "
+                f"{r.get('load_average_1min_before', float('nan')):.1f} / "
+                f"{r.get('load_average_1min_after', float('nan')):.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +271,13 @@ def main() -> None:
             sys.exit(f"case {name} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(line[-1][len("RESULT ") :]))
         print(json.dumps(results[-1]), flush=True)
+        if "ratio" in results[-1]:
+            r = results[-1]
+            print(
+                f"{name}: encoder alone {r['encoder_only_images_per_s']} images/s, embed_patches "
+                f"{r['images_per_s']} images/s, ratio {r['ratio']:.3f}",
+                flush=True,
+            )
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(),
@@ -211,6 +286,10 @@ def main() -> None:
         "device": "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "load_average_1min": os.getloadavg()[0],
     }
+    if RESULTS.exists() and set(args.cases) != set(CASES):  # a subset: keep the other cases' earlier results
+        fresh = {r["case"] for r in results}
+        earlier = [r for r in json.loads(RESULTS.read_text())["results"] if r["case"] not in fresh]
+        results = sorted(earlier + results, key=lambda r: list(CASES).index(r["case"]) if r["case"] in CASES else 99)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     TABLE.write_text(_markdown(results, meta))

@@ -1,6 +1,7 @@
 """Shared fixtures: real HER2ST data from the cache in ../shared/data (never downloaded in tests)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch's OpenMP threads otherwise busy-wait, which is ~30x slower on a small shared CPU
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# embeddings cached by one test run must not speed up (or leak into) another, nor fill the user's cache
+os.environ.setdefault("STEMST_CACHE_DIR", tempfile.mkdtemp(prefix="stemst-test-cache-"))
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "STEMST_DATA_DIR" not in os.environ and _SHARED.exists():
     os.environ["STEMST_DATA_DIR"] = str(_SHARED)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import stemst
+from stemst._cli import prepare
 from stemst.model import distributed
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -20,14 +22,10 @@ FIT += ["--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def store(data_dir, tmp_path_factory):
-    """A prepared store: two real sections, cheap colour embeddings with 8 views, context, a 16-gene panel."""
-    sdata = stemst.datasets.her2st(["C2", "C6"], cache_dir=data_dir)
-    stemst.pp.embed_patches(sdata, encoder="color_stats", augment=True, progress=False)
-    stemst.pp.spatial_context(sdata, embedding_key="X_color_stats")
-    stemst.pp.select_genes(sdata, train_sections=["C2", "C6"], n_genes=16)
-    path = tmp_path_factory.mktemp("ddp") / "store.zarr"
-    stemst.io.write_zarr(sdata, path)
+def raw_store(data_dir, tmp_path_factory):
+    """Two real sections (C2, C6) as a zarr store, not yet embedded."""
+    path = tmp_path_factory.mktemp("ddp") / "raw.zarr"
+    stemst.io.write_zarr(stemst.datasets.her2st(["C2", "C6"], cache_dir=data_dir), path)
     return path
 
 
@@ -52,25 +50,34 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this python")
-def test_two_processes_train_and_resume_like_one(store, tmp_path):
-    # one process, in this one: 10 steps with a checkpoint, then resumed to 20
-    sdata = stemst.io.read_zarr(store)
-    ref_dir = tmp_path / "ref_ckpt"
+def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path):
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    shutil.copytree(raw_store, one)
+    shutil.copytree(raw_store, two)
+    # one process, in this one: prepare (cheap colour embeddings, 8 views), 10 steps with a checkpoint, resume to 20
+    prepare(one, train_sections=["C2", "C6"], encoder="color_stats", n_genes=16, progress=False)
+    sdata = stemst.io.read_zarr(one)
     kw = {"embedding_key": "X_color_stats_context", "batch_size": 48, "rng": 3, "validation": "C2", "progress": False}
-    kw |= {"checkpoint_dir": ref_dir, "checkpoint_every": 5}
-    ref10 = stemst.tl.fit(sdata, steps=10, **kw)
-    ref20 = stemst.tl.fit(sdata, steps=20, resume=True, **kw)
-    ref10.save(tmp_path / "ref10")
-    ref20.save(tmp_path / "ref20")
+    kw |= {"checkpoint_dir": tmp_path / "ref_ckpt", "checkpoint_every": 5}
+    stemst.tl.fit(sdata, steps=10, **kw).save(tmp_path / "ref10")
+    stemst.tl.fit(sdata, steps=20, resume=True, **kw).save(tmp_path / "ref20")
 
-    # two processes under torchrun (gloo): the same run, each process computing half of every batch
+    # two processes under torchrun (gloo): each embeds one section; each computes half of every batch
     ckpt = tmp_path / "ckpt"
     common = [*FIT, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]
-    first = ["fit", str(store), "--out", str(tmp_path / "m10"), "--steps", "10", *common]
-    then = ["fit", str(store), "--out", str(tmp_path / "m20"), "--steps", "20", "--resume", *common]
-    _torchrun([first, then], tmp_path)
+    runs = [
+        ["prepare", str(two), "--train-sections", "C2", "C6", "--encoder", "color_stats", "--genes", "16"],
+        ["fit", str(two), "--out", str(tmp_path / "m10"), "--steps", "10", *common],
+        ["fit", str(two), "--out", str(tmp_path / "m20"), "--steps", "20", "--resume", *common],
+    ]
+    _torchrun(runs, tmp_path)
     assert (ckpt / "checkpoint.pt").exists()
 
+    a, b = stemst.io.read_zarr(one).tables["table"], stemst.io.read_zarr(two).tables["table"]
+    for key in ("X_color_stats", "X_color_stats_views", "X_color_stats_context"):
+        np.testing.assert_array_equal(a.obsm[key], b.obsm[key])
+    assert a.var["stemst_panel"].equals(b.var["stemst_panel"]) and 14 <= a.var["stemst_panel"].sum() <= 18
+    np.testing.assert_array_equal(a.obs["stemst_patch_clipped"], b.obs["stemst_patch_clipped"])
     _assert_same(_weights(tmp_path / "ref10"), _weights(tmp_path / "m10"))
     _assert_same(_weights(tmp_path / "ref20"), _weights(tmp_path / "m20"))
     config = json.loads((tmp_path / "m20" / "config.json").read_text())

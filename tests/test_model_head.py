@@ -71,3 +71,28 @@ def test_interval_hits_known_answer(level):
     y = np.array([[50.0], [99.9], [0.0]])[None].reshape(3, 1)
     hits = interval_hits(np.broadcast_to(samples, (100, 3, 1)), y, level).ravel()
     assert hits.tolist() == [True, False, False]
+
+
+def test_mlp_head_learns_a_nonlinear_map_and_lives_in_the_module():
+    import torch
+
+    from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
+    from stemst.tl._validation import fit_mlp_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 8)) * 3 + 5  # raw scale: the standardisation is folded into the weights
+    Y = np.c_[np.abs(X[:, 0] - 5), np.maximum(X[:, 1] - 5, 0), (X[:, 2] - 5) ** 2 / 3] + 0.1 * rng.normal(size=(600, 3))
+    train, new = slice(0, 450), slice(450, None)
+    w1, b1, w2, b2 = fit_mlp_head(X[train], Y[train], hidden=32, seed=0, alpha=1e-3)
+    pred = np.maximum(X[new] @ w1 + b1, 0) @ w2 + b2
+    # a linear head cannot fit |x|, relu(x), x^2 (correlation ~0 for the symmetric ones); the MLP does
+    assert mean_pearson(pred, Y[new]) > 0.8
+    m = DiffusionModel(3, 8, NetworkConfig(width=16, depth=1), DiffusionConfig(head_pcs=4, head_hidden=32))
+    m.set_projection(torch.as_tensor(X, dtype=torch.float32))
+    m.set_mlp_head(*(torch.as_tensor(a) for a in (w1, b1, w2, b2)))
+    out = m.mlp_head(torch.as_tensor(X[new], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(out, pred, rtol=1e-4, atol=1e-4)
+    # the head is the average of the (here zero) linear head and the MLP; the MLP weights are buffers, not parameters
+    head = m.head(torch.as_tensor(X[new], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(head, 0.5 * pred, rtol=1e-4, atol=1e-4)
+    assert "mlp_w1" in m.state_dict() and all(not n.startswith("mlp_") for n, _ in m.named_parameters())

@@ -1,3 +1,6 @@
+import logging
+import os
+
 import numpy as np
 import pytest
 import spatialdata as sd
@@ -6,10 +9,20 @@ import torch
 
 import stemst
 from stemst import _schema
+from stemst._errors import StemstWarning
 from stemst._schema import StemstDataError, assemble, make_section
 from stemst.pp import Encoder, embed_patches
-from stemst.pp._embed import CLIPPED_KEY, plan_section
-from stemst.pp._encoders import resolve_encoders
+from stemst.pp._embed import CLIPPED_KEY, _Embedder, _prefetched, plan_section
+from stemst.pp._encoders import ColorStats, dihedral_views, fingerprint, normalise, resolve_encoders
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own empty embedding cache (never the user's)."""
+    folder = tmp_path / "stemst_cache"
+    monkeypatch.setenv("STEMST_CACHE_DIR", str(folder))
+    return folder / "embeddings"
+
 
 MEAN_RGB = Encoder("mean_rgb", build=lambda: lambda x: x.mean((-2, -1)), input_size=32, mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -175,7 +188,7 @@ def c2_default(her2st_c):
     """All 187 C2 spots embedded with the default encoder (original view only)."""
     t = her2st_c.tables["table"]
     sdata = _with_table(her2st_c, t[(t.obs["section"] == "C2").to_numpy()].copy())
-    embed_patches(sdata, augment=False, progress=False)
+    embed_patches(sdata, augment=False, progress=False, cache=False)
     return sdata
 
 
@@ -243,3 +256,232 @@ def test_ridge_probe_on_default_encoder_c2_to_c6(her2st_c):
     r = _probe(sdata, "X_efficientnet_lite0", alpha=1000.0)
     print(f"ridge probe, efficientnet_lite0, train C2-C5, test C6: mean Pearson {r:.3f}")
     assert r > 0.3, r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# throughput: channels-last batches, read-ahead
+
+
+def test_prefetched_keeps_order_and_raises():
+    assert list(_prefetched([lambda i=i: i * i for i in range(7)], depth=3)) == [i * i for i in range(7)]
+    assert list(_prefetched([])) == []
+
+    def boom():
+        raise OSError("disk")
+
+    with pytest.raises(OSError, match="disk"):
+        list(_prefetched([lambda: 1, boom, lambda: 3]))
+
+
+def test_channels_last_batches_match_the_plain_computation():
+    """The fast path (normalise once, views stacked channels-last, channels-last model) equals the textbook one."""
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    enc = Encoder("tiny", build=lambda: net, input_size=96, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    patches = np.random.default_rng(0).integers(0, 256, (3, 3, 80, 80), dtype=np.uint8)
+    fast = _Embedder([enc], torch.device("cpu"), batch_size=8)
+    assert fast.channels_last == [True]
+    got = fast(patches, augment=True)
+    with torch.inference_mode():
+        img = torch.nn.functional.interpolate(
+            torch.from_numpy(patches).float() / 255, size=(96, 96), mode="bilinear", antialias=True
+        )
+        views = normalise(dihedral_views(img), enc.mean, enc.std).flatten(0, 1)
+        want = net.to(memory_format=torch.contiguous_format)(views.contiguous()).reshape(3, 8, -1).numpy()
+    assert got.shape == want.shape == (3, 8, net.num_features)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _ViewNet(torch.nn.Module):
+    """A conv net whose forward needs a contiguous tensor (``.view``), as older code often does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1).reshape(len(y), 4, -1).mean(-1)
+
+
+def test_channels_last_falls_back_for_models_that_need_contiguous_input():
+    enc = Encoder("viewnet", build=_ViewNet, input_size=16)
+    emb = _Embedder([enc], torch.device("cpu"), batch_size=4)
+    out = emb(np.full((2, 3, 16, 16), 128, np.uint8), augment=True)
+    assert out.shape == (2, 8, 4) and np.isfinite(out).all() and emb.channels_last == [False]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the embedding cache (on a crop of HER2ST C2)
+
+
+class CountingColorStats(ColorStats):
+    """The colour-statistics encoder, counting the images it is called on."""
+
+    images = 0
+
+    def forward(self, x):
+        CountingColorStats.images += len(x)
+        return super().forward(x)
+
+
+def _counting(name="counting"):
+    return Encoder(name, build=CountingColorStats, input_size=64, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+@pytest.fixture(scope="module")
+def c2_crop(her2st_c):
+    """A 1600 x 1600 px crop of C2 (0.69 µm/px) around its centre spot, with the spots that lie in it."""
+    t = her2st_c.tables["table"]
+    c2 = t[(t.obs["section"] == "C2").to_numpy()]
+    xy = np.asarray(c2.obsm["spatial"])
+    x0, y0 = (np.median(xy, axis=0) - 800).astype(int)
+    inside = ((xy >= [x0 + 100, y0 + 100]) & (xy < [x0 + 1500, y0 + 1500])).all(1)
+    image = np.asarray(_schema.get_image(her2st_c, "C2")[:, y0 : y0 + 1600, x0 : x0 + 1600])
+    info = _schema.section_info(t, "C2")
+    sub = c2[inside]
+    return make_section(
+        "C2",
+        image=image,
+        counts=sub.X,
+        genes=sub.var_names,
+        spot_ids=sub.obs_names,
+        coords=xy[inside] - [x0, y0],
+        microns_per_pixel=info.microns_per_pixel,
+        spot_diameter_um=info.spot_diameter_um,
+    )
+
+
+def _crop_sdata(sec, *, image=None, coords=None):
+    kw = {f: getattr(sec, f) for f in ("counts", "genes", "spot_ids", "coords")}
+    kw["coords"] = kw["coords"] if coords is None else coords
+    info = sec.info
+    return assemble(
+        [
+            make_section(
+                "C2",
+                image=sec.image if image is None else image,
+                microns_per_pixel=info.microns_per_pixel,
+                spot_diameter_um=info.spot_diameter_um,
+                **kw,
+            )
+        ]
+    )
+
+
+def _run(sdata, **kw):
+    before = CountingColorStats.images
+    embed_patches(sdata, **{"encoder": _counting(), "progress": False, **kw})
+    t = sdata.tables["table"]
+    key = kw.get("key_added", f"X_{kw.get('encoder', _counting()).name}")
+    views = t.obsm.get(f"{key}_views")
+    return CountingColorStats.images - before, t.obsm[key], views, t.uns["stemst"]["embeddings"][key]
+
+
+def test_cache_hit_skips_the_encoder_with_identical_arrays(c2_crop, cache_dir, caplog):
+    n = len(c2_crop.spot_ids)
+    assert n >= 10
+    calls, x, views, settings = _run(_crop_sdata(c2_crop))
+    assert calls == n * 8 and settings["cache_hit"] == {"C2": False}
+    files = list(cache_dir.glob("C2-*.npz"))
+    assert len(files) == 1 and not list(cache_dir.glob(".*.tmp"))
+    with caplog.at_level(logging.INFO, logger="stemst"):
+        calls, x2, views2, settings = _run(_crop_sdata(c2_crop))  # a fresh SpatialData, as in a new session
+    assert calls == 0 and settings["cache_hit"] == {"C2": True}
+    assert "read from the cache" in caplog.text
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(views2, views)
+    assert list(cache_dir.glob("C2-*.npz")) == files
+    # the cached values are what the encoder gives: the same as without a cache
+    calls, x3, _, settings = _run(_crop_sdata(c2_crop), cache=False)
+    assert calls == n * 8 and settings["cache_hit"] == {"C2": False} and settings["cache_dir"] is None
+    np.testing.assert_allclose(x3, x, rtol=1e-6, atol=1e-6)
+
+
+def test_changed_settings_are_embedded_again(c2_crop, cache_dir):
+    n = len(c2_crop.spot_ids)
+    assert _run(_crop_sdata(c2_crop))[0] == n * 8
+    assert _run(_crop_sdata(c2_crop), patch_size_um=100.0)[0] == n * 8  # patch size
+    assert _run(_crop_sdata(c2_crop), augment=False)[0] == n  # views
+    moved = c2_crop.coords.copy()
+    moved[0] += [3.0, 0.0]
+    assert _run(_crop_sdata(c2_crop, coords=moved))[0] == n * 8  # one spot moved by 3 px
+    edited = c2_crop.image.copy()
+    x, y = np.round(c2_crop.coords[-1]).astype(int)
+    edited[:, y - 2 : y + 2, x - 2 : x + 2] = 0  # 16 pixels under the last spot
+    calls, x_edit, _, _ = _run(_crop_sdata(c2_crop, image=edited))
+    assert calls == n * 8
+    assert len(list(cache_dir.glob("C2-*.npz"))) == 4  # the edited image rewrote its settings' file
+    # another encoder: same name, other code or weights
+    other = Encoder("counting", build=ColorStats, input_size=64, mean=(0.0,) * 3, std=(1.0,) * 3)
+    embed_patches(_crop_sdata(c2_crop), encoder=other, progress=False)
+    assert len(list(cache_dir.glob("C2-*.npz"))) == 5
+    # and each of these settings is now a hit
+    for kw in ({"patch_size_um": 100.0}, {"augment": False}):
+        assert _run(_crop_sdata(c2_crop), **kw)[0] == 0
+    assert _run(_crop_sdata(c2_crop, coords=moved))[0] == 0
+    calls, again, _, _ = _run(_crop_sdata(c2_crop, image=edited))
+    assert calls == 0
+    np.testing.assert_array_equal(again, x_edit)
+    assert _run(_crop_sdata(c2_crop))[0] == n * 8  # the original image's pixels no longer match that file
+
+
+def test_fingerprint_follows_weights_code_and_closures():
+    torch.manual_seed(0)
+    a = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    b = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    assert fingerprint(a) == fingerprint(a) != fingerprint(b)
+    b.load_state_dict(a.state_dict())
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        next(b.parameters())[0].add_(1e-3)
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(ColorStats()) == fingerprint(ColorStats()) != fingerprint(CountingColorStats())
+
+    def scaled(k):
+        return lambda x: x.mean((-2, -1)) * k
+
+    assert fingerprint(scaled(2.0)) == fingerprint(scaled(2.0)) != fingerprint(scaled(3.0))
+    assert fingerprint(lambda x: x.mean((-2, -1))) != fingerprint(lambda x: x.amax((-2, -1)))
+
+
+def test_truncated_cache_file_is_embedded_again_with_a_warning(c2_crop, cache_dir):
+    n = len(c2_crop.spot_ids)
+    _, x, _, _ = _run(_crop_sdata(c2_crop))
+    (path,) = cache_dir.glob("C2-*.npz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(StemstWarning, match="unreadable embedding cache"):
+        calls, x2, _, settings = _run(_crop_sdata(c2_crop))
+    assert calls == n * 8 and settings["cache_hit"] == {"C2": False}
+    np.testing.assert_allclose(x2, x, rtol=1e-6, atol=1e-6)
+    assert path.stat().st_size == len(data)  # rewritten whole
+    assert _run(_crop_sdata(c2_crop))[0] == 0
+
+
+def test_cache_false_never_writes_and_a_path_chooses_the_folder(c2_crop, cache_dir, tmp_path):
+    n = len(c2_crop.spot_ids)
+    assert _run(_crop_sdata(c2_crop), cache=False)[0] == n * 8
+    assert _run(_crop_sdata(c2_crop), cache=False)[0] == n * 8
+    assert not cache_dir.exists()
+    mine = tmp_path / "my cache"
+    assert _run(_crop_sdata(c2_crop), cache=mine)[0] == n * 8
+    assert _run(_crop_sdata(c2_crop), cache=str(mine))[0] == 0
+    assert len(list(mine.glob("C2-*.npz"))) == 1 and not cache_dir.exists()
+    assert os.environ["STEMST_CACHE_DIR"] in str(stemst.pp._embed.default_cache_dir())
+
+
+def test_cache_is_per_section_and_restores_the_clipped_flags(her2st_c, cache_dir):
+    """Sections are cached apart: embedding C2 alone, then C2 + C6, runs the encoder on C6 only."""
+    t = her2st_c.tables["table"]
+    rows = np.concatenate([np.flatnonzero((t.obs["section"] == s).to_numpy())[:6] for s in ("C2", "C6")])
+    sdata = _with_table(her2st_c, t[rows].copy())
+    assert _run(sdata, sections="C2", augment=False)[0] == 6
+    calls, x, _, settings = _run(sdata, augment=False)
+    assert calls == 6 and settings["cache_hit"] == {"C2": True, "C6": False}
+    clipped = sdata.tables["table"].obs[CLIPPED_KEY].to_numpy().copy()
+    fresh = _with_table(her2st_c, t[rows].copy())
+    calls, x2, _, settings = _run(fresh, augment=False)
+    assert calls == 0 and settings["cache_hit"] == {"C2": True, "C6": True}
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(fresh.tables["table"].obs[CLIPPED_KEY].to_numpy(), clipped)

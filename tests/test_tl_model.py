@@ -139,12 +139,13 @@ def test_fast_sampler_close_to_ancestral(embedded, model):
     ddim = model.sample(X, n_samples=10, sampler="ddim", steps=50, rng=1, progress=False).mean(0)
     spread = ref.std(0).mean()
     floor = np.abs(fast - again).mean() / spread
-    print(f"\nnoise floor (dpmpp_2m seed 1 vs 2): mean |gap| = {floor:.3f} x across-spot SD")
+    r_floor = np.nanmean(_pearson(fast, again))  # two seeds of one sampler agree only this well
+    print(f"\nnoise floor (dpmpp_2m seed 1 vs 2): mean |gap| = {floor:.3f} x across-spot SD, r = {r_floor:.3f}")
     for name, m in (("dpmpp_2m/25", fast), ("ddim/50", ddim)):
         gap = np.abs(m - ref).mean() / spread
         r = np.nanmean(_pearson(m, ref))
         print(f"{name} vs ancestral/1000: mean |gap| = {gap:.3f} x across-spot SD, per-gene r = {r:.3f}")
-        assert gap < 1.35 * floor and r > 0.8
+        assert gap < 1.35 * floor and r > min(0.8, r_floor - 0.05)
 
 
 def test_nan_loss_stops_training(embedded, tmp_path):

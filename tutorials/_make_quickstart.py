@@ -1,11 +1,8 @@
 """Build tutorials/her2st_quickstart.ipynb (run with --execute to execute it in place)."""
 
-import sys
-from pathlib import Path
-
 import nbformat as nbf
+from _execute import write
 
-HERE = Path(__file__).parent
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 
 cells = [
@@ -137,16 +134,4 @@ path = model.save(tempfile.mkdtemp() + "/her2st_model")
 stemst.tl.StemstModel.load(path, device="cpu")"""),
 ]
 
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-out = HERE / "her2st_quickstart.ipynb"
-if "--execute" in sys.argv:
-    from nbclient import NotebookClient
-
-    NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
-    for cell in nb.cells:  # progress bars are noise in a rendered page
-        if cell.cell_type == "code":
-            cell.outputs = [
-                o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr" and "%|" in o.text)
-            ]
-nbf.write(nb, out)
-print(f"wrote {out}")
+write(cells, "her2st_quickstart", timeout=3600)

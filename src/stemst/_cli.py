@@ -1,4 +1,12 @@
-"""Command line: ``stemst demo`` runs the main job end to end on real data."""
+"""Command line.
+
+- ``stemst demo``: the main job end to end on real data (HER2ST).
+- ``stemst prepare STORE.zarr``: embed patches, add the spatial context and choose the gene panel, in the store.
+- ``stemst fit STORE.zarr --out MODEL``: train on a prepared store and save the model.
+
+``prepare`` and ``fit`` run as they are under ``torchrun`` (``torchrun --nproc_per_node=N -m stemst fit ...``):
+``prepare`` shares the sections among the processes, ``fit`` trains with DistributedDataParallel.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +25,12 @@ def _say(msg: str) -> None:
     print(f"[stemst {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def demo(out: Path, *, n_genes: int = 100, steps: int | None = None, quick: bool = False) -> dict:
-    """Train on HER2ST C2-C5, predict C6, compare with baselines, save figures and a metrics table in ``out``."""
+def demo(out: Path, *, n_genes: int = 100, steps: int | None = None, quick: bool = False, cache: bool = True) -> dict:
+    """Train on HER2ST C2-C5, predict C6, compare with baselines, save figures and a metrics table in ``out``.
+
+    The embeddings are cached (:func:`stemst.pp.embed_patches`), so a second run skips the encoder; ``cache=False``
+    embeds again without reading or writing the cache.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +45,7 @@ def demo(out: Path, *, n_genes: int = 100, steps: int | None = None, quick: bool
     _say(f"Overview of the sections and their spots: {out / 'sections.png'}")
 
     _say("Embedding spot-centred patches (EfficientNet-Lite0, 8 flips/rotations each)")
-    stemst.pp.embed_patches(sdata, augment=not quick)
+    stemst.pp.embed_patches(sdata, augment=not quick, cache=cache)
     key = stemst.pp.spatial_context(sdata)  # own patch (mean of its views) + ring-1 + ring-2 neighbours
     stemst.pp.select_genes(sdata, train_sections=list(TRAIN), n_genes=n_genes)
 
@@ -70,6 +82,89 @@ def demo(out: Path, *, n_genes: int = 100, steps: int | None = None, quick: bool
     return {"elapsed_s": elapsed, "out": str(out)}
 
 
+def _replace_table(sdata, store: Path, key: str = "table") -> None:
+    """Replace the table in the store ``sdata`` is backed by; a copy is kept beside it until the new one is written."""
+    import shutil
+    import warnings
+
+    import spatialdata as sd
+
+    backup = store.parent / f".{store.name}.{key}.zarr"
+    shutil.rmtree(backup, ignore_errors=True)
+    with warnings.catch_warnings():  # the copy holds the table without the shapes it annotates: expected
+        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+        sd.SpatialData(tables={key: sdata.tables[key]}).write(backup)  # if the swap below fails, the table is here
+    sdata.delete_element_from_disk(key)
+    sdata.write_element(key)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def prepare(
+    store: Path,
+    *,
+    train_sections: list[str],
+    encoder: str = "efficientnet_lite0",
+    augment: bool = True,
+    n_genes: int = 100,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Embed, add spatial context and choose the panel in a SpatialData zarr store; sections shared among ranks.
+
+    Under torchrun each process embeds every ``world_size``-th section into a cache folder beside the store; rank 0
+    then assembles them (cache hits, no encoder) with the context and the panel and writes the table back, so the
+    result is the same as one process's.
+    """
+    import stemst
+    from stemst._schema import embedding_key, get_table
+    from stemst._schema import sections as list_sections
+    from stemst.model import distributed
+
+    distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
+    sdata = stemst.io.read_zarr(store)
+    sections = list_sections(get_table(sdata))
+    parts = store.parent / f".{store.name}.embeddings"
+    kwargs = {"encoder": encoder, "augment": augment, "batch_size": batch_size, "cache": parts}
+    mine = sections[rank::world]
+    if world > 1 and mine:
+        _say(f"rank {rank}/{world}: embedding {', '.join(mine)}")
+        stemst.pp.embed_patches(sdata, sections=mine, progress=progress, **kwargs)
+    distributed.barrier()
+    result: dict = {"store": str(store), "sections": sections, "world_size": world}
+    if distributed.is_main():
+        stemst.pp.embed_patches(sdata, progress=progress and world == 1, **kwargs)
+        key = stemst.pp.spatial_context(sdata, embedding_key=embedding_key(encoder), use_views=augment)
+        stemst.pp.select_genes(sdata, train_sections=train_sections, n_genes=n_genes)
+        _replace_table(sdata, store)
+        result["context_key"] = key
+        _say(f"Wrote the embeddings ({key}) and the {n_genes}-gene panel to {store}")
+    distributed.barrier()
+    return result
+
+
+def fit(store: Path, out: Path, *, fit_kwargs: dict, overwrite: bool = False) -> dict:
+    """Train on a prepared store (``stemst prepare``) and save the model to ``out`` (rank 0 writes)."""
+    import stemst
+    from stemst.model import distributed
+
+    distributed.init()
+    if out.exists() and not overwrite:
+        raise SystemExit(f"stemst fit: {out} exists; pass --overwrite to replace it.")
+    sdata = stemst.io.read_zarr(store)
+    t0 = time.perf_counter()
+    model = stemst.tl.fit(sdata, **fit_kwargs)
+    elapsed = time.perf_counter() - t0
+    if distributed.is_main():
+        model.save(out, overwrite=overwrite)
+        _say(
+            f"Trained {model.training.get('steps_trained')} steps in {elapsed:.1f} s on "
+            f"{distributed.world_size()} process(es); model saved to {out}"
+        )
+    distributed.barrier()
+    return {"out": str(out), "elapsed_s": elapsed, "world_size": distributed.world_size()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stemst`` command."""
     parser = argparse.ArgumentParser(prog="stemst", description=__doc__)
@@ -79,11 +174,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--genes", type=int, default=100, help="panel size (default: 100)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's CPU default)")
     p.add_argument("--quick", action="store_true", help="no augmentation: a faster, less accurate run")
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="embed the patches again instead of reading them from the embedding cache ($STEMST_CACHE_DIR or the "
+        "user cache folder), and do not write it",
+    )
+    p = sub.add_parser("prepare", help="embed, add spatial context and choose the panel in a zarr store")
+    p.add_argument("store", type=Path, help="SpatialData .zarr store in the stemst layout (stemst.io.write_zarr)")
+    p.add_argument("--train-sections", nargs="+", required=True, help="sections the gene panel is chosen on")
+    p.add_argument("--encoder", default="efficientnet_lite0", help="encoder (stemst.pp.list_encoders)")
+    p.add_argument("--no-augment", action="store_true", help="embed the original patch only (no 8 views)")
+    p.add_argument("--genes", type=int, default=100, help="panel size (default: 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per encoder pass (default: by device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("fit", help="train on a prepared zarr store and save the model (runs under torchrun)")
+    p.add_argument("store", type=Path, help="prepared SpatialData .zarr store (stemst prepare)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument("--sections", nargs="+", default=None, help="training sections (default: all)")
+    p.add_argument("--embedding-key", default=None, help="obsm key (default: the context features)")
+    p.add_argument("--architecture", default="auto", help="auto (transformer on CUDA, else mlp), mlp, transformer")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes")
+    p.add_argument("--validation", default="auto", help="held-out section, 'auto' (the last) or 'none'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the draws")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="folder for checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        result = demo(args.out, n_genes=args.genes, steps=args.steps, quick=args.quick)
+        result = demo(args.out, n_genes=args.genes, steps=args.steps, quick=args.quick, cache=args.cache)
         (args.out / "run.json").write_text(json.dumps(result, indent=2))
+    elif args.command == "prepare":
+        prepare(
+            args.store,
+            train_sections=args.train_sections,
+            encoder=args.encoder,
+            augment=not args.no_augment,
+            n_genes=args.genes,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    elif args.command == "fit":
+        fit_kwargs = {
+            "sections": args.sections,
+            "embedding_key": args.embedding_key,
+            "architecture": args.architecture,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "validation": None if args.validation == "none" else args.validation,
+            "rng": args.seed,
+            "checkpoint_dir": args.checkpoint_dir,
+            "checkpoint_every": args.checkpoint_every,
+            "resume": args.resume,
+            "progress": not args.no_progress,
+        }
+        fit(args.store, args.out, fit_kwargs=fit_kwargs, overwrite=args.overwrite)
     return 0
 
 

@@ -108,6 +108,10 @@ class DiffusionConfig(_Config):
         With a number, the module holds a linear *mean head* on the top ``head_pcs`` principal components of the
         standardised condition (fitted in closed form, see :mod:`stemst.model.head`) and the diffusion models the
         residual around it; ``None``: the diffusion models the expression itself (the paper's).
+    head_hidden
+        With a number (and ``head_pcs``), the mean head is the average of the linear head and a one-hidden-layer
+        ReLU network of this width on the standardised condition (fitted outside the module, e.g. by
+        :func:`stemst.tl.fit`, and stored as buffers, never trained by the diffusion's optimiser).
     cond_pcs
         With a number, the network sees the top ``cond_pcs`` principal components of the condition, whitened, in
         place of the whole standardised condition: a low-dimensional condition a few hundred spots cannot memorise.
@@ -129,6 +133,7 @@ class DiffusionConfig(_Config):
     target_scaling: TargetScaling = "standardize"
     clip_margin: float | None = 0.1
     head_pcs: int | None = None
+    head_hidden: int | None = None
     cond_pcs: int | None = None
     cond_noise: float = 0.0
     cond_dropout: float = 0.0
@@ -136,6 +141,7 @@ class DiffusionConfig(_Config):
     def __post_init__(self) -> None:
         _at_least("n_steps", self.n_steps, 2)
         _at_least("head_pcs", self.head_pcs, 1)
+        _at_least("head_hidden", self.head_hidden, 1)
         _at_least("cond_pcs", self.cond_pcs, 1)
         _at_least("cond_noise", self.cond_noise, 0)
         if not 0.0 <= self.cond_dropout < 1.0:

@@ -92,6 +92,11 @@ class DiffusionModel(nn.Module):
         if d.head_pcs:
             self.register_buffer("head_coef", torch.zeros(d.head_pcs, n_genes))
             self.register_buffer("head_bias", torch.zeros(n_genes))
+        if d.head_pcs and d.head_hidden:  # the nonlinear half of the mean head (buffers: never trained here)
+            self.register_buffer("mlp_w1", torch.zeros(cond_dim, d.head_hidden))
+            self.register_buffer("mlp_b1", torch.zeros(d.head_hidden))
+            self.register_buffer("mlp_w2", torch.zeros(d.head_hidden, n_genes))
+            self.register_buffer("mlp_b2", torch.zeros(n_genes))
         self.register_buffer("residual_weight", torch.ones(()))
         self.register_buffer("spread", torch.ones(n_genes))
 
@@ -130,11 +135,30 @@ class DiffusionModel(nn.Module):
         self.head_coef.copy_(coef)
         self.head_bias.copy_(bias)
 
+    @torch.no_grad()
+    def set_mlp_head(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+        """Set the nonlinear half of the head: ``relu(cond @ w1 + b1) @ w2 + b2`` on raw conditions."""
+        for name, value in zip(("mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2"), (w1, b1, w2, b2), strict=True):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    def linear_head(self, cond: torch.Tensor) -> torch.Tensor:
+        """Return the linear head's prediction: ``pca_scores(cond)[:, :head_pcs] @ coef + bias``."""
+        return self.pca_scores(cond)[..., : self.diffusion.head_pcs] @ self.head_coef + self.head_bias
+
+    def mlp_head(self, cond: torch.Tensor) -> torch.Tensor:
+        """Return the nonlinear head's prediction (``diffusion.head_hidden``)."""
+        return torch.relu(cond @ self.mlp_w1 + self.mlp_b1) @ self.mlp_w2 + self.mlp_b2
+
     def head(self, cond: torch.Tensor) -> torch.Tensor:
-        """Return the mean head's prediction ``(n, n_genes)`` on the transform's scale (zeros when there is no head)."""
+        """Return the mean head's prediction ``(n, n_genes)`` on the transform's scale (zeros when there is no head).
+
+        The linear head, or with ``diffusion.head_hidden`` the average of the linear and the nonlinear head.
+        """
         if not self.diffusion.head_pcs:
             return torch.zeros((len(cond), self.n_genes), device=cond.device)
-        return self.pca_scores(cond)[..., : self.diffusion.head_pcs] @ self.head_coef + self.head_bias
+        if self.diffusion.head_hidden:
+            return 0.5 * (self.linear_head(cond) + self.mlp_head(cond))
+        return self.linear_head(cond)
 
     def target(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Return what the diffusion models: ``y`` minus the mean head's prediction (``y`` itself without a head)."""

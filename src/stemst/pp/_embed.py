@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import time
-from collections.abc import Iterator
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from stemst._errors import warn
 from stemst._logging import logger
@@ -34,7 +44,7 @@ from stemst._schema import (
 from stemst._torch import resolve_device
 from stemst.io._image import check_spots_on_tissue
 
-from ._encoders import Encoder, dihedral_views, normalise, resolve_encoders
+from ._encoders import Encoder, dihedral_views, fingerprint, normalise, resolve_encoders
 
 #: value of the pixels of a patch that fall outside the image: white, like the glass around the tissue
 PAD_VALUE = 255
@@ -44,8 +54,18 @@ MIN_PATCH_PX = 8
 PAPER_PATCH_PX = 224
 #: warn when patches are enlarged more than this to reach the encoder's input size
 MAX_UPSAMPLING = 4.0
+#: fewest spots read together (one dask computation); the encoder then takes their images batch_size at a time
+MIN_READ_SPOTS = 8
+#: default images per forward pass: small batches keep a CPU's caches warm (16 was fastest for EfficientNet-Lite0
+#: on a 2-core CPU, ahead of 32 and 64); a GPU wants large ones
+CPU_BATCH_SIZE = 16
+CUDA_BATCH_SIZE = 256
 CLIPPED_KEY = "stemst_patch_clipped"
 N_VIEWS = 8
+#: environment variable naming the stemst cache root (embeddings go to its ``embeddings/`` folder)
+CACHE_ENV = "STEMST_CACHE_DIR"
+#: bump when a change to the embedding pipeline makes earlier cache files invalid
+CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -188,36 +208,225 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+@dataclass
+class _SectionJob:
+    """The spots of one section in reading order, and where their cache file is."""
+
+    rows_table: np.ndarray  # the section's table rows, in table order
+    rows: np.ndarray  # the same rows in reading order (chunk row by chunk row)
+    corners: np.ndarray  # top-left corner of each patch, in reading order
+    batches: list[slice]
+    full_shape: tuple[int, ...]  # level-0 image shape
+    pixels: _PixelHash = field(default_factory=lambda: _PixelHash())
+    key: str | None = None
+    path: Path | None = None
+
+
+def _section_job(
+    plan: PatchPlan, image: Any, full_shape: tuple[int, ...], coords: np.ndarray, rows: np.ndarray, spots_per_read: int
+) -> _SectionJob:
+    corners = _windows(coords[rows], plan)
+    chunk = int(image.chunksize[1]) if hasattr(image, "chunksize") else plan.shape[0]
+    order = _raster_order(corners, chunk)
+    batches = list(_batches(len(rows), spots_per_read))
+    return _SectionJob(rows, rows[order], corners[order], batches, tuple(int(v) for v in full_shape))
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per encoder forward pass when none is given: large on CUDA, small on a CPU."""
+    return CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
+def _prefetched(tasks: Sequence[Callable[[], Any]], depth: int = 2) -> Iterator[Any]:
+    """Yield each task's result in order while a background thread already runs the next ``depth`` tasks.
+
+    Reading patches (dask, numpy, decompression: mostly outside the GIL) then overlaps with the encoder, which keeps
+    torch's threads busy in the caller's thread.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemst-read")
+    pending: deque[Future] = deque(pool.submit(t) for t in tasks[:depth])
+    try:
+        for nxt in range(depth, len(tasks) + depth):
+            result = pending.popleft().result()
+            if nxt < len(tasks):
+                pending.append(pool.submit(tasks[nxt]))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _uses_conv(model: Any) -> bool:
+    return (
+        isinstance(model, nn.Module)
+        and not isinstance(model, torch.jit.ScriptModule)
+        and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    )
+
+
 class _Embedder:
-    """Run a set of encoders on uint8 patches (with optional dihedral views), in bf16 autocast on CUDA."""
+    """Run a set of encoders on uint8 patches (with optional dihedral views).
+
+    Convolutional torch models run in channels-last memory format (faster on CPU and GPU), falling back to the
+    default format if a model cannot take it; on CUDA the encoders run in bf16 autocast.
+    """
 
     def __init__(self, encoders: list[Encoder], device: torch.device, batch_size: int):
         self.encoders = encoders
         self.device = device
         self.batch_size = max(1, int(batch_size))
         self.models = [e.load(device) for e in encoders]
+        self.fingerprints = [fingerprint(m) for m in self.models]
+        self.channels_last = [_uses_conv(m) for m in self.models]
+        for model, cl in zip(self.models, self.channels_last, strict=True):
+            if cl:
+                model.to(memory_format=torch.channels_last)
+
+    def _forward(self, i: int, img: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        with autocast:
+            if not self.channels_last[i]:
+                return self.models[i](img.contiguous()).float()
+            try:
+                return self.models[i](img).float()
+            except RuntimeError as e:  # e.g. a custom forward that calls .view() on a channels-last tensor
+                logger.info("Encoder %r failed in channels-last format (%s); using the default format.", i, e)
+                self.channels_last[i] = False
+                self.models[i].to(memory_format=torch.contiguous_format)
+                return self.models[i](img.contiguous()).float()
 
     @torch.inference_mode()
     def __call__(self, patches: np.ndarray, *, augment: bool) -> np.ndarray:
         """``(n, 3, s, s)`` uint8 -> ``(n, views, D)`` float32 features."""
         x = torch.from_numpy(patches).to(self.device, non_blocking=True)
         parts = []
-        for enc, model in zip(self.encoders, self.models, strict=True):
+        for i, enc in enumerate(self.encoders):
             img = x.float().div_(255.0)
             if img.shape[-1] != enc.input_size:
                 img = F.interpolate(
                     img, size=(enc.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False
                 )
-            img = dihedral_views(img) if augment else img[:, None]
-            n, v = img.shape[:2]
-            img = normalise(img.flatten(0, 1), enc.mean, enc.std)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-            feats = []
-            with autocast:
-                for sl in _batches(len(img), self.batch_size):
-                    feats.append(model(img[sl]).float())
+            # per-channel normalisation commutes with flips and rotations: normalise once, before making the views
+            img = normalise(img, enc.mean, enc.std)
+            # the views are stacked channels-last, (n, v, H, W, C), so the batch needs no further copy
+            nhwc = img.permute(0, 2, 3, 1)
+            views = dihedral_views(nhwc, dims=(1, 2)) if augment else nhwc[:, None].contiguous()
+            n, v = views.shape[:2]
+            batch = views.flatten(0, 1).permute(0, 3, 1, 2)  # (n * v, C, H, W), channels-last strides
+            feats = [self._forward(i, batch[sl]) for sl in _batches(len(batch), self.batch_size)]
             parts.append(torch.cat(feats).reshape(n, v, -1))
         return torch.cat(parts, dim=-1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the embedding cache: one .npz per (section, settings), verified against the pixels actually read
+
+
+def default_cache_dir() -> Path:
+    """Folder of the embedding cache: ``$STEMST_CACHE_DIR/embeddings``, else ``pooch.os_cache("stemst")/embeddings``."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "embeddings"
+    import pooch
+
+    return Path(pooch.os_cache("stemst")) / "embeddings"
+
+
+def _cache_folder(cache: bool | str | os.PathLike | None) -> Path | None:
+    if cache is False or cache is None:
+        return None
+    return default_cache_dir() if cache is True else Path(cache).expanduser()
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+class _PixelHash:
+    """Running digest of the patches read for a section, in reading order: the image part of the cache check."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+
+    def update(self, patches: np.ndarray) -> None:
+        self._h.update(np.ascontiguousarray(patches).data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _cache_path(folder: Path, section: str, key: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", section)[:64]
+    return folder / f"{safe}-{_digest(key.encode())[:20]}.npz"
+
+
+def _read_cache(path: Path, key: str, pixels: str, n_spots: int, n_views: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return the cached ``(features, clipped)`` if ``path`` was made with ``key`` from the same pixels, else None.
+
+    An unreadable or inconsistent file is reported with a warning and ignored: the section is embedded again.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored_key, stored_pixels = str(z["key"]), str(z["pixels"])
+            feats, clipped = np.asarray(z["features"], np.float32), np.asarray(z["clipped"], bool)
+        if feats.ndim != 3 or feats.shape[:2] != (n_spots, n_views) or clipped.shape != (n_spots,):
+            raise ValueError(f"features {feats.shape}, clipped {clipped.shape} for {n_spots} spots x {n_views} views")
+        if not np.isfinite(feats).all():
+            raise ValueError("non-finite features")
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file fails in many ways: zip, zlib, key, shape)
+        warn(
+            f"Ignoring the unreadable embedding cache file {path} ({type(e).__name__}: {e}); embedding again.",
+            stacklevel=4,
+        )
+        return None
+    if stored_key != key:  # a digest collision, or a file renamed by hand
+        return None
+    if stored_pixels != pixels:
+        logger.info("Cache %s: the image pixels under the spots changed; embedding again.", path.name)
+        return None
+    return feats, clipped
+
+
+def _write_cache(path: Path, key: str, pixels: str, feats: np.ndarray, clipped: np.ndarray) -> None:
+    """Write atomically (a temporary file, then rename), so that a killed run never leaves a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), pixels=np.array(pixels), features=feats, clipped=clipped)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        warn(f"Could not write the embedding cache file {path} ({e}); the embeddings are not cached.", stacklevel=4)
+
+
+def _section_key(
+    plan: PatchPlan, image: Any, coords: np.ndarray, embedder: _Embedder, n_views: int, full_shape: Any
+) -> str:
+    """Every setting that makes a section's embeddings, as canonical JSON (the cache file name is its digest)."""
+    key = {
+        "version": CACHE_VERSION,
+        "section": plan.section,
+        "encoders": [
+            {"name": e.name, "input_size": int(e.input_size), "mean": list(e.mean), "std": list(e.std), "model": fp}
+            for e, fp in zip(embedder.encoders, embedder.fingerprints, strict=True)
+        ],
+        "precision": "bf16-autocast" if embedder.device.type == "cuda" else "float32",
+        "patch_size_um": float(plan.patch_size_um),
+        "patch_px": int(plan.patch_px),
+        "level": int(plan.level),
+        "level_shape": [int(v) for v in image.shape],
+        "level0_shape": [int(v) for v in full_shape],
+        "dtype": str(image.dtype),
+        "views": int(n_views),
+        "resample": "bilinear-antialias",
+        "pad_value": PAD_VALUE,
+        "n_spots": len(coords),
+        "coords": _digest(np.ascontiguousarray(coords, dtype=np.float64).tobytes()),
+    }
+    return json.dumps(key, sort_keys=True)
 
 
 def embed_patches(
@@ -227,19 +436,35 @@ def embed_patches(
     table_key: str = TABLE_KEY,
     sections: str | list[str] | None = None,
     patch_size_um: float | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     augment: bool = True,
     device: str | torch.device = "auto",
     progress: bool = True,
     key_added: str | None = None,
+    cache: bool | str | os.PathLike = True,
 ) -> None:
     """Embed a square H&E patch centred on every spot with an image encoder.
 
     For each section the patch has a fixed physical size, so slides scanned at different resolutions give comparable
     patches. It is read lazily, batch by batch, from the coarsest pyramid level that still has the resolution the
     encoder needs (the slide is never loaded whole; levels computed on the fly from a finer one, as in a pyramid not
-    yet written to disk, are skipped because reading them costs more), resampled to the encoder's input size (bilinear, antialiased),
-    normalised with the encoder's own mean/std and embedded under :func:`torch.inference_mode`.
+    yet written to disk, are skipped because reading them costs more), resampled to the encoder's input size
+    (bilinear, antialiased), normalised with the encoder's own mean/std and embedded under
+    :func:`torch.inference_mode`. A background thread reads the next batch of patches while the encoder runs;
+    convolutional encoders run in channels-last memory format.
+
+    **Cache.** The embeddings of each section are saved to one file per (section, settings) in the cache folder, and
+    a later call with the same settings reads them instead of running the encoder (logged at INFO level;
+    ``cache_hit`` in the settings in ``uns``). The settings are: the encoders (name, input size, normalisation and a
+    digest of the loaded model: its class, layers, ``forward`` code and every weight), the precision (bf16 on CUDA,
+    float32 elsewhere), the patch size in µm and px, the pyramid level and the image's shape, the number of views, the
+    spots' coordinates (in table order), and the pixels themselves: before a file is used, the section's patches are
+    read again and their digest compared with the stored one (cheap next to the encoder: about 1 ms per spot for an
+    image in memory), so an image edited even under a single spot is embedded again. Anything that differs means a new
+    embedding, never a stale one. Files are written atomically; an unreadable file is embedded again with a warning.
+    ``batch_size``, ``progress`` and ``key_added`` are not part of the key. For a custom callable encoder the digest
+    covers its code and the simple values it closes over, not global state it reads: pass ``cache=False`` if that
+    changes. Delete the folder to empty the cache.
 
     Parameters
     ----------
@@ -258,7 +483,8 @@ def embed_patches(
         Side of the patch in µm. Default: the paper's rule, the larger of the spot diameter and 224 px at the
         encoder's native resolution (``224 * native_mpp``; 112 µm for the 0.5 µm/px models).
     batch_size
-        Images per forward pass (with ``augment``, each spot contributes 8 images).
+        Images per forward pass (with ``augment``, each spot contributes 8 images). Default: 256 on CUDA, 16 on
+        other devices.
     augment
         Also embed the 8 flips/rotations of each patch (the dihedral group; view 0 is the original).
     device
@@ -267,6 +493,10 @@ def embed_patches(
         Show a progress bar.
     key_added
         Embedding key; default ``"X_<encoder>"`` (``"X_<a>+<b>"`` for a list).
+    cache
+        ``True``: use the default cache folder, ``$STEMST_CACHE_DIR/embeddings`` if that variable is set, else
+        ``embeddings/`` in the user's cache (``pooch.os_cache("stemst")``, e.g. ``~/.cache/stemst`` on Linux). A path:
+        use that folder. ``False``: neither read nor write a cache.
 
     Returns
     -------
@@ -276,7 +506,8 @@ def embed_patches(
     - ``obsm[key + "_views"]`` (with ``augment``): ``(n_spots, 8, D)`` float32, the 8 dihedral views.
     - ``obs["stemst_patch_clipped"]``: True where the patch ran off the image; the missing pixels are padded with
       white (255), like the glass around the tissue.
-    - ``uns["stemst"]["embeddings"][key]``: the settings (encoder, patch size in µm and px, pyramid level, ...).
+    - ``uns["stemst"]["embeddings"][key]``: the settings (encoder, patch size in µm and px, pyramid level, ...;
+      ``cache_hit`` per section: whether the embeddings were read from the cache).
 
     Examples
     --------
@@ -318,35 +549,67 @@ def embed_patches(
     for s in chosen:
         _check_tissue(sdata, adata, s, coords[section_of == s])
     dev = resolve_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
     embedder = _Embedder(encoders, dev, batch_size)
     n_views = N_VIEWS if augment else 1
-    spots_per_batch = max(1, int(batch_size) // n_views)
+    spots_per_read = max(MIN_READ_SPOTS, int(batch_size) // n_views)  # the encoder takes them batch_size at a time
     n_total = int(np.isin(section_of, chosen).sum())
+    folder = _cache_folder(cache)
     logger.info("Embedding %d spots with %s on %s (%d view(s) each).", n_total, name, dev, n_views)
     start = time.perf_counter()
 
     feats: np.ndarray | None = None
     clipped = np.zeros(adata.n_obs, dtype=bool)
+    cache_hit = dict.fromkeys(chosen, False)
     bar = tqdm(total=n_total, desc=f"embed {name}", unit="spot", disable=not progress)
-    for s in chosen:
+
+    jobs = {
+        s: _section_job(*plans[s], get_image(sdata, s).shape, coords, np.flatnonzero(section_of == s), spots_per_read)
+        for s in chosen
+    }
+
+    def reads(s: str) -> list[Callable[[], tuple[np.ndarray, np.ndarray]]]:
         plan, image = plans[s]
-        rows = np.flatnonzero(section_of == s)
-        corners = _windows(coords[rows], plan)
-        chunk = int(image.chunksize[1]) if hasattr(image, "chunksize") else plan.shape[0]
-        order = _raster_order(corners, chunk)
-        rows, corners = rows[order], corners[order]
-        for sl in _batches(len(rows), spots_per_batch):
-            patches, clip = read_patches(image, corners[sl], plan.patch_px)
-            out = embedder(patches, augment=augment)
-            if feats is None:
-                feats = np.full((adata.n_obs, n_views, out.shape[-1]), np.nan, dtype=np.float32)
-            feats[rows[sl]] = out
-            clipped[rows[sl]] = clip
-            bar.update(len(patches))
+        return [partial(read_patches, image, jobs[s].corners[sl], plan.patch_px) for sl in jobs[s].batches]
+
+    todo = []
+    for s in chosen:
+        job = jobs[s]
+        if folder is not None:
+            job.key = _section_key(plans[s][0], plans[s][1], coords[job.rows_table], embedder, n_views, job.full_shape)
+            job.path = _cache_path(folder, s, job.key)
+            if job.path.is_file():
+                pixels = _PixelHash()
+                for patches, _ in _prefetched(reads(s)):
+                    pixels.update(patches)
+                found = _read_cache(job.path, job.key, pixels.hexdigest(), len(job.rows), n_views)
+                if found is not None:
+                    if feats is None:
+                        feats = np.full((adata.n_obs, n_views, found[0].shape[-1]), np.nan, dtype=np.float32)
+                    feats[job.rows_table], clipped[job.rows_table] = found
+                    cache_hit[s] = True
+                    bar.update(len(job.rows))
+                    logger.info("Section %s: embeddings read from the cache (%s); encoder not run.", s, job.path)
+                    continue
+        todo.append(s)
+
+    tasks = [(s, sl) for s in todo for sl in jobs[s].batches]
+    readers = [r for t in todo for r in reads(t)]
+    for (s, sl), (patches, clip) in zip(tasks, _prefetched(readers), strict=True):
+        job = jobs[s]
+        job.pixels.update(patches)
+        out = embedder(patches, augment=augment)
+        if feats is None:
+            feats = np.full((adata.n_obs, n_views, out.shape[-1]), np.nan, dtype=np.float32)
+        feats[job.rows[sl]] = out
+        clipped[job.rows[sl]] = clip
+        bar.update(len(patches))
+        if sl.stop == len(job.rows):  # the section is complete: check it, then cache it
+            check_embedding(feats[job.rows_table], what=f"The {name} embeddings of section {s!r}")
+            if job.path is not None:
+                _write_cache(job.path, job.key, job.pixels.hexdigest(), feats[job.rows_table], clipped[job.rows_table])
     bar.close()
     assert feats is not None
-    for s in chosen:
-        check_embedding(feats[section_of == s], what=f"The {name} embeddings of section {s!r}")
     done = np.isin(section_of, chosen)
     _store(adata, key, feats, done, augment=augment)
     old = adata.obs[CLIPPED_KEY].to_numpy(bool) if CLIPPED_KEY in adata.obs else np.zeros(adata.n_obs, bool)
@@ -370,18 +633,23 @@ def embed_patches(
         "pad_value": PAD_VALUE,
         "n_clipped": int(clipped[done].sum()),
         "device": str(dev),
+        "cache_hit": cache_hit,
+        "cache_dir": None if folder is None else str(folder),
     }
     emb = adata.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})
     prev = emb.get(key, {})
-    for field in ("patch_size_um", "patch_px", "level", "level_mpp"):  # keep other sections' settings
-        if isinstance(prev.get(field), dict):
-            settings[field] = {**prev[field], **settings[field]}
+    for entry in ("patch_size_um", "patch_px", "level", "level_mpp", "cache_hit"):  # keep other sections' settings
+        if isinstance(prev.get(entry), dict):
+            settings[entry] = {**prev[entry], **settings[entry]}
     emb[key] = settings
     logger.info(
-        "Embedded %d spots in %.1f s (%.1f spots/s); obsm[%r] is %d-d, %d patch(es) padded.",
+        "Embedded %d spots in %.1f s (%.1f spots/s; %d of %d section(s) read from the cache); obsm[%r] is %d-d, "
+        "%d patch(es) padded.",
         n_total,
         elapsed,
         n_total / max(elapsed, 1e-9),
+        sum(cache_hit.values()),
+        len(chosen),
         key,
         feats.shape[-1],
         settings["n_clipped"],

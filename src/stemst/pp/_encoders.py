@@ -7,7 +7,9 @@ the physical resolution it was trained at, which sets the default patch size of 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -245,6 +247,79 @@ class _Features(nn.Module):
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise ValueError(f"The encoder returned shape {tuple(out.shape)} for a batch of {x.shape[0]} images.")
         return out.float()
+
+
+def fingerprint(model: Any) -> str:
+    """Digest what a loaded encoder computes: its class, structure, ``forward`` code and every weight.
+
+    Two models with the same fingerprint give the same embeddings (up to float nondeterminism); a changed weight,
+    layer or ``forward`` gives another. For a plain callable it covers the code and the simple values it closes over
+    (numbers, strings, modules), not global state it reads. Used as part of the embedding cache key.
+
+    Parameters
+    ----------
+    model
+        What :meth:`Encoder.load` returns, an :class:`torch.nn.Module` (TorchScript included) or a callable.
+
+    Returns
+    -------
+    32 hex digits.
+
+    Examples
+    --------
+    >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    >>> fingerprint(a) == fingerprint(a), fingerprint(a) == fingerprint(b)
+    (True, False)
+    """
+    h = hashlib.blake2b(digest_size=16)
+    _digest_callable(model.model if isinstance(model, _Features) else model, h, depth=0)
+    return h.hexdigest()
+
+
+def _digest_callable(obj: Any, h: Any, *, depth: int) -> None:
+    kind = type(obj)
+    h.update(f"{kind.__module__}.{kind.__qualname__}".encode())
+    if isinstance(obj, nn.Module):
+        h.update(repr(obj).encode())  # layers and their hyper-parameters
+        code = getattr(obj, "code", None)  # TorchScript source
+        if isinstance(code, str):
+            h.update(code.encode())
+        else:
+            _digest_code(getattr(kind.forward, "__code__", None), h)
+        for name, value in obj.state_dict().items():
+            t = value.detach().to("cpu").contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return
+    fn = obj if isinstance(obj, (types.FunctionType, types.MethodType)) else kind.__call__
+    fn = getattr(fn, "__func__", fn)
+    h.update(getattr(fn, "__qualname__", "").encode())
+    _digest_code(getattr(fn, "__code__", None), h)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, (nn.Module, types.FunctionType)) and depth < 4:
+            _digest_callable(value, h, depth=depth + 1)
+        elif value is None or isinstance(value, (bool, int, float, str, bytes, tuple)):
+            h.update(repr(value).encode())
+        else:
+            h.update(type(value).__qualname__.encode())
+
+
+def _digest_code(code: types.CodeType | None, h: Any) -> None:
+    if code is None:
+        return
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _digest_code(const, h)
+        elif isinstance(const, frozenset):  # its repr order depends on string hashing, which varies per process
+            h.update(repr(sorted(map(repr, const))).encode())
+        else:
+            h.update(repr(const).encode())
 
 
 def _read_state_dict(checkpoint: Any) -> Mapping[str, torch.Tensor]:
@@ -630,14 +705,15 @@ def resolve_encoders(encoder: Any) -> list[Encoder]:
     return specs
 
 
-def dihedral_views(x: torch.Tensor) -> torch.Tensor:
+def dihedral_views(x: torch.Tensor, *, dims: tuple[int, int] = (-2, -1)) -> torch.Tensor:
     """Stack the 8 flips/rotations of a square image batch ``(B, C, H, W)`` -> ``(B, 8, C, H, W)``; view 0 is ``x``.
 
-    Views 0-3 rotate by 0, 90, 180, 270 degrees; views 4-7 do the same after a horizontal flip.
+    Views 0-3 rotate by 0, 90, 180, 270 degrees; views 4-7 do the same after a horizontal flip. ``dims`` names the
+    (height, width) axes: ``(1, 2)`` for a channels-last ``(B, H, W, C)`` batch, giving ``(B, 8, H, W, C)``.
     """
-    flipped = x.flip(-1)
-    views = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
+    flipped = x.flip(dims[1])
+    views = [torch.rot90(x, k, dims=dims) for k in range(4)]
+    views += [torch.rot90(flipped, k, dims=dims) for k in range(4)]
     return torch.stack(views, dim=1)
 
 

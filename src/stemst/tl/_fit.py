@@ -82,6 +82,7 @@ def fit(
     validation: str | None = "auto",
     head: bool = True,
     head_pcs: int = 256,
+    head_hidden: int | None = 256,
     cond_pcs: int | None = 8,
     cond_noise: float = 1.0,
     cond_dropout: float = 0.3,
@@ -148,8 +149,9 @@ def fit(
     validation
         The training section held out for early stopping and calibration: ``"auto"`` (the last one), a name, or
         ``None`` (train on everything for the given steps, no calibration).
-    head, head_pcs, cond_pcs, cond_noise, cond_dropout
-        The residual model's settings (:class:`~stemst.model.DiffusionConfig`): the mean head and its components,
+    head, head_pcs, head_hidden, cond_pcs, cond_noise, cond_dropout
+        The residual model's settings (:class:`~stemst.model.DiffusionConfig`): the mean head, its components and
+        (``head_hidden``) the width of the early-stopped MLP averaged with the linear head,
         the network's condition (``None``: the whole standardised embedding) and its training noise and dropout.
         The defaults were chosen on validation folds inside HER2ST C2-C5 (``docs/model.md``).
     patience
@@ -232,6 +234,7 @@ def fit(
         target_scaling=target_scaling,
         clip_margin=clip_margin,
         head_pcs=head_pcs if head else None,
+        head_hidden=head_hidden if head else None,
         cond_pcs=cond_pcs,
         cond_noise=cond_noise,
         cond_dropout=cond_dropout,
@@ -270,7 +273,7 @@ def fit(
         module = (JointDiffusionModel if joint else DiffusionModel)(len(ts.genes), pairs.shape[1], network, diffusion)
     record: dict[str, Any] = {"validation": held}
     if diffusion.head_pcs:
-        residuals, record["head"] = prepare_head(module, cond, ts.Y, groups)
+        residuals, record["head"] = prepare_head(module, cond, ts.Y, groups, seed=training.seed)
         y = module.head(cond) + torch.as_tensor(residuals)  # the diffusion learns the cross-fitted residuals
     fit_rows = torch.as_tensor(groups != held) if held is not None else torch.ones(ts.n_spots, dtype=torch.bool)
     rows = fit_rows.repeat_interleave(len(pairs) // ts.n_spots)

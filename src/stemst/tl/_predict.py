@@ -199,7 +199,7 @@ def predict_image(
     encoder: Any = None,
     overwrite: bool = False,
     n_samples: int = 20,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     rng: RNGLike = 0,
     progress: bool = True,
     **sample_kwargs: Any,
@@ -235,7 +235,7 @@ def predict_image(
     n_samples
         Samples per spot (ignored, i.e. 1, for deterministic baselines).
     batch_size
-        Patches per encoder forward pass.
+        Patches per encoder forward pass (default: 16 on CPU, 256 on CUDA).
     {rng}
     {progress}
     **sample_kwargs

@@ -62,7 +62,7 @@ def joint_space(ts: TrainingSet, rows: np.ndarray | None = None) -> tuple[torch.
 
 
 def prepare_head(
-    module: DiffusionModel, cond: torch.Tensor, Y: np.ndarray, groups: np.ndarray
+    module: DiffusionModel, cond: torch.Tensor, Y: np.ndarray, groups: np.ndarray, *, seed: int = 0
 ) -> tuple[np.ndarray, dict]:
     """Set the module's projection and mean head from all training spots; return cross-fitted residuals.
 
@@ -77,8 +77,56 @@ def prepare_head(
     module.set_head(torch.as_tensor(head.coef, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32))
     residuals = cross_fitted_residuals(Z, Y.astype(np.float64), groups, head).astype(np.float32)
     about = {"alpha": head.alpha, "rank": head.rank, **({"cv": head.cv["best"]} if "best" in head.cv else {})}
+    hidden = module.diffusion.head_hidden
+    if hidden:  # the average of the linear head and an early-stopped MLP, both cross-fitted by group
+        X = cond.double().numpy()
+        module.set_mlp_head(*fit_mlp_head(X, Y, hidden=hidden, seed=seed))
+        crossed = np.empty_like(residuals)
+        for g in np.unique(groups):
+            out = groups == g
+            w1, b1, w2, b2 = fit_mlp_head(X[~out], Y[~out], hidden=hidden, seed=seed)
+            crossed[out] = Y[out] - (np.maximum(X[out] @ w1 + b1, 0) @ w2 + b2)
+        residuals = (0.5 * (residuals + crossed)).astype(np.float32)
+        about["mlp"] = {"hidden": int(hidden), "alpha": MLP_HEAD_ALPHA}
     logger.info("Mean head: %s", about)
     return residuals, about
+
+
+#: L2 penalty of the MLP half of the head (the MLP baseline's default, chosen on validation folds inside C2-C5)
+MLP_HEAD_ALPHA = 100.0
+
+
+def fit_mlp_head(
+    X: np.ndarray, Y: np.ndarray, *, hidden: int, seed: int = 0, alpha: float = MLP_HEAD_ALPHA
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fit a one-hidden-layer MLP (scikit-learn, early-stopped on 15% of the rows) and return it as raw weights.
+
+    The input and target standardisations are folded into the weights: ``relu(X @ w1 + b1) @ w2 + b2`` predicts
+    ``Y`` from raw ``X``.
+    """
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from stemst.tl._baselines import _train_early_stopped, _validation_rows
+
+    val = _validation_rows(np.zeros(len(X)), np.arange(len(X)), None, 0.15, seed)
+    xs, ys = StandardScaler().fit(X[~val]), StandardScaler().fit(Y[~val])
+    x_tr, x_val = (xs.transform(X[m]).astype(np.float32) for m in (~val, val))
+    y_tr, y_val = (ys.transform(Y[m]).astype(np.float32) for m in (~val, val))
+    mlp = MLPRegressor(
+        hidden_layer_sizes=(int(hidden),),
+        alpha=alpha,
+        batch_size=min(128, len(x_tr)),
+        random_state=np.random.RandomState(seed),
+    )
+    with threadpool_limits(limits=1, user_api="blas"):
+        mlp, _, _ = _train_early_stopped(mlp, (x_tr, y_tr), (x_val, y_val), max_epochs=200, patience=10, progress=False)
+    (w1, w2), (b1, b2) = mlp.coefs_, mlp.intercepts_
+    scale = np.where(xs.scale_ > 0, xs.scale_, 1.0)
+    w1f = w1 / scale[:, None]
+    b1f = b1 - (xs.mean_ / scale) @ w1
+    return w1f, b1f, w2 * ys.scale_, b2 * ys.scale_ + ys.mean_
 
 
 @dataclass
