@@ -159,7 +159,7 @@ def main() -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "torch": torch.__version__,
         "command": "python benchmarks/train.py" + (" --quick" if args.quick else "") + f" --device {args.device}",
-        "note": "synthetic inputs of the real shapes; the CPU was shared with other jobs, so treat as rough numbers",
+        "note": f"synthetic inputs of the real shapes; 1-min load average {os.getloadavg()[0]:.1f} at the end",
         "results": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
