@@ -39,3 +39,19 @@ def her2st_small(data_dir):
     import stemst
 
     return stemst.datasets.her2st(["C2", "C6"], cache_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def sdata_copy():
+    """Make ``sdata_copy(sdata, table=None)``: the same images and shapes with a copy of the table (or ``table``).
+
+    Tests that add embeddings, panels or predictions work on such a copy, so the shared session fixtures stay as
+    loaded.
+    """
+    import spatialdata as sd
+
+    def make(sdata, table=None):
+        table = sdata.tables["table"].copy() if table is None else table
+        return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
+
+    return make

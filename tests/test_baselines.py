@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import spatialdata as sd
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
@@ -54,7 +53,7 @@ def color_embeddings(sdata, table):
 
 
 @pytest.fixture(scope="module")
-def sdata(her2st_c):
+def sdata(her2st_c, sdata_copy):
     table = her2st_c.tables["table"].copy()
     color_embeddings(her2st_c, table)
     train = table[section_mask(table, TRAIN)]
@@ -62,7 +61,7 @@ def sdata(her2st_c):
     keep = ~table.var_names.str.match(r"^(MT-|RPS|RPL)")
     table.var["stemst_panel"] = False
     table.var.iloc[np.argsort(-np.where(keep, mean, -1))[:40], table.var.columns.get_loc("stemst_panel")] = True
-    return sd.SpatialData(images=dict(her2st_c.images), shapes=dict(her2st_c.shapes), tables={"table": table})
+    return sdata_copy(her2st_c, table)
 
 
 def held_out_pearson(sdata, model, key):
@@ -71,14 +70,14 @@ def held_out_pearson(sdata, model, key):
 
 
 @pytest.fixture(scope="module")
-def shuffled(sdata):
+def shuffled(sdata, sdata_copy):
     """Same data with the training embeddings permuted across spots: no image information left."""
     table = sdata.tables["table"].copy()
     train = np.flatnonzero(section_mask(table, TRAIN))
     perm = np.random.default_rng(0).permutation(train)
     for key in ("X_color", "X_color_views"):
         table.obsm[key][train] = table.obsm[key][perm]
-    return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
+    return sdata_copy(sdata, table)
 
 
 def held_out_mse_of_training_mean(sdata):

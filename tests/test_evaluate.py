@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import spatialdata as sd
 
 import stemst
 from stemst._schema import StemstDataError
@@ -31,13 +30,13 @@ def top_genes(table, n):
 
 
 @pytest.fixture(scope="module")
-def sdata(her2st_small):
+def sdata(her2st_small, sdata_copy):
     """C2 + C6 with a copied table: obsm['X_oracle'] = C6's log2 targets + N(0, 0.5) noise, a yardstick and oracles."""
     table = her2st_small.tables["table"].copy()
     genes = top_genes(table, 30)
     y = get_targets(table, genes, "log2p1")
     table.obsm["X_oracle"] = (y + 0.5 * np.random.default_rng(0).normal(size=y.shape)).astype(np.float32)
-    data = sd.SpatialData(images=dict(her2st_small.images), shapes=dict(her2st_small.shapes), tables={"table": table})
+    data = sdata_copy(her2st_small, table)
     stemst.tl.predict(
         NoisyOracle(genes, spread=0.5), data, sections="C6", n_samples=60, key_added="calibrated", progress=False
     )

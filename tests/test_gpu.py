@@ -9,14 +9,8 @@ import stemst
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_auto_architecture_is_the_mlp_on_cpu(her2st_small):
-    import spatialdata as sd
-
-    sdata = sd.SpatialData(
-        images=dict(her2st_small.images),
-        shapes=dict(her2st_small.shapes),
-        tables={"table": her2st_small.tables["table"].copy()},
-    )
+def test_auto_architecture_is_the_mlp_on_cpu(her2st_small, sdata_copy):
+    sdata = sdata_copy(her2st_small)
     stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
     stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=12)
     m = stemst.tl.fit(
@@ -27,17 +21,11 @@ def test_auto_architecture_is_the_mlp_on_cpu(her2st_small):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_embed_fit_auto_transformer_and_sample(her2st_small):
-    import spatialdata as sd
-
-    sdata = sd.SpatialData(
-        images=dict(her2st_small.images),
-        shapes=dict(her2st_small.shapes),
-        tables={"table": her2st_small.tables["table"].copy()},
-    )
+def test_gpu_embed_fit_auto_transformer_and_sample(her2st_small, sdata_copy):
+    sdata = sdata_copy(her2st_small)
     stemst.pp.embed_patches(sdata, augment=False, device="cuda", progress=False)
     table = her2st_small.tables["table"].copy()
-    cpu = sd.SpatialData(images=dict(her2st_small.images), shapes=dict(her2st_small.shapes), tables={"table": table})
+    cpu = sdata_copy(her2st_small, table)
     stemst.pp.embed_patches(cpu, sections="C2", augment=False, device="cpu", progress=False)
     c2 = (table.obs["section"] == "C2").to_numpy()
     a = sdata.tables["table"].obsm["X_efficientnet_lite0"][c2]

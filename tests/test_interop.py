@@ -21,15 +21,9 @@ EMBEDDING = "X_color_stats"
 
 
 @pytest.fixture(scope="module")
-def predicted(her2st_small):
+def predicted(her2st_small, sdata_copy):
     """The SpatialData holding the counts and a prediction table of C2 and C6, and the prediction's key."""
-    import spatialdata as sd
-
-    sdata = sd.SpatialData(
-        images=dict(her2st_small.images),
-        shapes=dict(her2st_small.shapes),
-        tables={"table": her2st_small.tables["table"].copy()},
-    )
+    sdata = sdata_copy(her2st_small)
     stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
     stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=30)
     model = stemst.tl.fit(

@@ -8,7 +8,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import spatialdata as sd
 from matplotlib.collections import PatchCollection
 
 import stemst
@@ -33,11 +32,11 @@ class Jitter(Predictor):
 
 
 @pytest.fixture(scope="module")
-def sdata(her2st_small):
+def sdata(her2st_small, sdata_copy):
     table = her2st_small.tables["table"].copy()
     genes = table.var_names[np.argsort(-np.asarray(table.X.mean(0)).ravel())[:20]].tolist()
     table.obsm["X_truth"] = get_targets(table, genes, "log2p1")
-    data = sd.SpatialData(images=dict(her2st_small.images), shapes=dict(her2st_small.shapes), tables={"table": table})
+    data = sdata_copy(her2st_small, table)
     stemst.tl.predict(Jitter(genes), data, sections="C6", n_samples=8, key_added="jitter", progress=False)
     stemst.tl.library_size_yardstick(data, train_sections="C2", test_sections="C6", genes=genes)
     data.genes = genes

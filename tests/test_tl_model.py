@@ -23,13 +23,9 @@ FAST = {"architecture": "mlp", "width": 128, "depth": 2, "lr": 1e-3, "progress":
 
 
 @pytest.fixture(scope="module")
-def embedded(her2st_c):
+def embedded(her2st_c, sdata_copy):
     """A copy of the C2-C6 table with colour-statistics embeddings (no views: 8x cheaper) and a 100-gene panel."""
-    import spatialdata as sd
-
-    sdata = sd.SpatialData(
-        images=dict(her2st_c.images), shapes=dict(her2st_c.shapes), tables={"table": her2st_c.tables["table"].copy()}
-    )
+    sdata = sdata_copy(her2st_c)
     stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
     t = sdata.tables["table"]
     tr = t[t.obs["section"].isin(TRAIN)]

@@ -15,13 +15,9 @@ FAST = {"embedding_key": KEY, "width": 64, "depth": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
-def embedded(her2st_c):
+def embedded(her2st_c, sdata_copy):
     """C2-C6 with colour-statistics embeddings, their spatial context and a 60-gene panel."""
-    import spatialdata as sd
-
-    sdata = sd.SpatialData(
-        images=dict(her2st_c.images), shapes=dict(her2st_c.shapes), tables={"table": her2st_c.tables["table"].copy()}
-    )
+    sdata = sdata_copy(her2st_c)
     stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
     stemst.pp.spatial_context(sdata, embedding_key=KEY)
     stemst.pp.select_genes(sdata, train_sections=TRAIN, n_genes=60)
