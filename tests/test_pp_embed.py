@@ -195,7 +195,7 @@ def c2_default(her2st_c):
 def test_default_encoder_embeds_every_c2_spot(c2_default):
     t = c2_default.tables["table"]
     x = t.obsm["X_efficientnet_lite0"]
-    assert x.shape == (187, 1280) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.shape == (187, 1632) and x.dtype == np.float32 and np.isfinite(x).all()
     assert x.std(0).mean() > 0.05  # spots differ
     s = t.uns["stemst"]["embeddings"]["X_efficientnet_lite0"]
     # 112 µm at 0.689 µm/px; the lazily computed coarser levels are not used
@@ -209,7 +209,7 @@ def test_dihedral_views_differ_but_stay_close(her2st_c, c2_default):
     embed_patches(sdata, augment=True, progress=False)
     sub = sdata.tables["table"]
     v = sub.obsm["X_efficientnet_lite0_views"]
-    assert v.shape == (len(rows), 8, 1280) and np.isfinite(v).all()
+    assert v.shape == (len(rows), 8, 1632) and np.isfinite(v).all()
     np.testing.assert_array_equal(v[:, 0], sub.obsm["X_efficientnet_lite0"])
     ref = c2_default.tables["table"][sub.obs_names].obsm["X_efficientnet_lite0"]
     np.testing.assert_allclose(v[:, 0], ref, rtol=1e-3, atol=1e-3)  # view 0 is the plain embedding

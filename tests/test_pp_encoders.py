@@ -13,6 +13,7 @@ def test_registry_lists_offline_default_and_hub_models():
     names = list_encoders()
     for name in [
         "efficientnet_lite0",
+        "efficientnet_lite0_head",
         "color_stats",
         "uni",
         "uni2-h",
@@ -88,9 +89,24 @@ def test_efficientnet_lite0_weights_load_exactly_and_classify_imagenet():
     top = logits.argmax(1).tolist()
     assert 281 <= top[0] <= 285  # a cat (tabby / tiger cat / Egyptian cat)
     assert top[1] in (967, 968)  # espresso / cup
-    feats = enc.load()(torch.cat([prep(chelsea()), prep(coffee())]))
-    assert feats.shape == (2, 1280) and torch.isfinite(feats).all()
-    assert (feats[0] - feats[1]).abs().max() > 0.1 and feats.std() > 0.01
+    x = torch.cat([prep(chelsea()), prep(coffee())])
+    head = resolve_encoder("efficientnet_lite0_head").load()(x)
+    assert head.shape == (2, 1280) and torch.isfinite(head).all()
+    with torch.inference_mode():
+        np.testing.assert_allclose(head, model.forward_head(model.forward_features(x), pre_logits=True), atol=1e-5)
+    assert (head[0] - head[1]).abs().max() > 0.1 and head.std() > 0.01
+
+    # the default: mean and std over space of the stem and of each of the 7 stages (32+16+24+40+80+112+192+320)
+    feats = enc.load()(x)
+    assert feats.shape == (2, 1632) == (2, enc.dim) and torch.isfinite(feats).all()
+    with torch.inference_mode():
+        maps = [model.bn1(model.conv_stem(x))]
+        for stage in model.blocks:
+            maps.append(stage(maps[-1]))
+    want = torch.cat([torch.cat([f.mean((2, 3)), f.std((2, 3))], 1) for f in maps], 1)
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+    assert [f.shape[1] for f in maps] == [32, 16, 24, 40, 80, 112, 192, 320]
+    assert (feats[0] - feats[1]).abs().max() > 0.1
 
 
 def test_color_stats_is_30d_and_sees_orientation():
