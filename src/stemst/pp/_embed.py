@@ -472,7 +472,8 @@ def embed_patches(
         A :class:`~spatialdata.SpatialData` in the stemst layout (:mod:`stemst.datasets`, :mod:`stemst.io`).
     encoder
         A registered name (:func:`stemst.pp.list_encoders`; default: EfficientNet-Lite0 with ImageNet weights, which
-        works offline), ``"timm:<architecture>"`` (hub weights), a checkpoint path (a TorchScript file or a dict
+        works offline, described by the mean and std of each of its stages on a 160 px patch, 1632-d; ``"efficientnet_lite0_head"``
+        gives its pooled 1280-d head instead), ``"timm:<architecture>"`` (hub weights), a checkpoint path (a TorchScript file or a dict
         ``{"arch": <timm name>, "state_dict": ...}``), an :class:`~stemst.pp.Encoder`, a :class:`torch.nn.Module` or
         any callable ``(B, 3, H, W) -> (B, D)``. A list concatenates the embeddings of several encoders.
     table_key
