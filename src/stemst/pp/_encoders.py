@@ -403,7 +403,7 @@ class StagePooled(nn.Module):
 
 
 def _efficientnet_lite0_stages() -> nn.Module:
-    """The default encoder: :class:`StagePooled` over EfficientNet-Lite0 with the packaged ImageNet weights."""
+    """Build the default encoder: :class:`StagePooled` over EfficientNet-Lite0 with the packaged ImageNet weights."""
     return StagePooled(_efficientnet_lite0())
 
 
