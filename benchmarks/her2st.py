@@ -5,8 +5,9 @@ One command (about 30-40 minutes on a 2-core CPU)::
     STEMST_DATA_DIR=../shared/data .venv/bin/python benchmarks/her2st.py
 
 Writes ``benchmarks/results/her2st.json`` (every number) and ``docs/benchmarks_her2st.md`` (the tables).
-Every method sees the same embeddings (EfficientNet-Lite0, 8 views) and, per split, the same gene panel chosen on the
-training sections only. Nothing is tuned on a test section: stemst's settings are the package defaults.
+Every method sees the same embeddings (the default encoder: EfficientNet-Lite0 stage statistics, 8 views) and,
+per split, the same gene panel chosen on the training sections only. Nothing is tuned on a test section: stemst's
+settings are the package defaults.
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ def write_readme(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
         README_MARKERS[0],
         f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min on {result['machine']}, {result['date']}; "
         "tables in `docs/benchmarks_her2st.md`). HER2ST, 100-gene panel chosen on the training sections, "
-        "EfficientNet-Lite0 embeddings, log2(count + 1). Mean over leave-one-section-out C2-C6, and the "
+        "the default embeddings (EfficientNet-Lite0 stage statistics, 8 views), log2(count + 1). Mean over "
+        "leave-one-section-out C2-C6, and the "
         "cross-patient split C2-C6 -> A1:",
         "",
         "| method | mean Pearson | RVD | MSE | coverage 50% / 90% | samples: neighbour r / region 90% | A1 mean Pearson |",
