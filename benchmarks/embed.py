@@ -207,7 +207,7 @@ def _markdown(results: list[dict], meta: dict) -> str:
         "*rise* is the peak above the resident size just before embedding, i.e. what embedding itself needs. "
         "Patches are read batch by batch from the lazy image, so the rise does not grow with the slide: the 40k x 40k "
         "synthetic slide would take 4.7 GiB if loaded. With EfficientNet-Lite0 the rise is mostly the encoder's "
-        "activations for one batch of images at 224 px (`batch_size`, default 16 on a CPU), the same for both slides; "
+        "activations for one batch of 160 px images (`batch_size`, default 16 on a CPU), the same for both slides; "
         "the colour-statistics encoder shows the cost of reading the patches alone (~50 MiB).",
         "",
         f"The machine was shared (1-minute load average {meta['load_average_1min']:.1f} on {meta['cpus']} cores), so "
