@@ -10,7 +10,7 @@ cells = [
 
 This tutorial predicts the expression of a gene panel at every spot of a held-out breast-cancer section from its H&E
 image alone, with stemst's diffusion model, and checks the prediction against the measured counts and against simpler
-methods. It runs on a laptop CPU in about 15 minutes, most of it embedding the patches.
+methods. It runs on a laptop CPU in about 10 minutes.
 
 Data: five serial sections (C2-C6) of one HER2-positive tumour, legacy Spatial Transcriptomics (100 µm spots),
 from Andersson et al., *Nature Communications* 2021. We train on C2-C5 and predict C6."""),
@@ -38,9 +38,10 @@ table.obs["section"].value_counts().sort_index()"""),
 
 For every spot, a patch centred on it at a fixed physical size is cut from the image, resampled to the encoder's input
 and embedded. The default encoder, EfficientNet-Lite0 with ImageNet weights, ships with stemst's dependencies and
-works offline; with access to the Hugging Face hub, pathology encoders such as UNI or H-optimus are one argument away
-(`encoder="uni"`). With `augment=True` (the default) the 8 flips/rotations of each patch are embedded too; the model
-trains on them as extra pairs."""),
+works offline; a patch is described by the mean and spread of each of its stages' feature maps (1632 numbers),
+which suit tissue better than its final ImageNet features. With access to the Hugging Face hub, pathology encoders
+such as UNI or H-optimus are one argument away (`encoder="uni"`). With `augment=True` (the default) the 8
+flips/rotations of each patch are embedded too; the model trains on them as extra pairs."""),
     code("""stemst.pp.embed_patches(sdata)
 table.obsm["X_efficientnet_lite0"].shape, table.obsm["X_efficientnet_lite0_views"].shape"""),
     md("""## Add each spot's spatial context
@@ -48,7 +49,8 @@ table.obsm["X_efficientnet_lite0"].shape, table.obsm["X_efficientnet_lite0_views
 Neighbouring spots look alike and express alike. `stemst.pp.spatial_context` gives every spot its own embedding (the
 mean over its 8 views) together with the mean embedding of its ring-1 and ring-2 neighbours on the spot grid, each
 section standardised on its own. On validation sections inside C2-C5 this lifted a ridge regression's mean Pearson
-r from 0.538 to 0.573; `fit` uses these features when they exist."""),
+r from 0.538 to 0.573 (with the encoder's ImageNet features; see the model page of the docs); `fit` uses these
+features when they exist."""),
     code("""key_ctx = stemst.pp.spatial_context(sdata)
 key_ctx, table.obsm[key_ctx].shape"""),
     md("""## Choose the gene panel on the training sections only
