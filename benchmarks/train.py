@@ -1,6 +1,8 @@
 """Training and sampling throughput of the Stem denoisers (CPU or GPU), written to benchmarks/results/train.json.
 
-Synthetic inputs of the real shapes (200 genes, 1280-d EfficientNet-Lite0 embeddings, batch 256): timing only.
+Synthetic inputs of the real shapes: the default 100-gene panel, the default condition (the 4896-d spatial context of
+the 1632-d EfficientNet-Lite0 stage features) and the diffusion settings of :func:`stemst.tl.fit` (mean head on 256
+principal components plus a 256-wide MLP head, the network seeing 8 whitened components), batch 256: timing only.
 Achieved FLOP/s = the FLOPs of one training step (forward + backward, counted by
 :class:`torch.utils.flop_counter.FlopCounterMode`) x steps/s; on CUDA also as a fraction of the GPU's dense bf16
 peak (a table of known GPUs, or ``--peak-tflops``).
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from stemst._torch import resolve_device, torch_generator
-from stemst.model import DiffusionModel, NetworkConfig, TrainingConfig, train_step
+from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig, TrainingConfig, train_step
 from stemst.model.networks import n_parameters
 from stemst.tl import StemstModel
 
@@ -36,10 +38,25 @@ CONFIGS = {
 }
 
 
+#: the diffusion settings :func:`stemst.tl.fit` uses by default
+FIT_DIFFUSION = DiffusionConfig(head_pcs=256, head_hidden=256, cond_pcs=8, cond_noise=1.0, cond_dropout=0.3)
+
+
 def make_model(network: NetworkConfig, genes: int, dim: int, device: torch.device) -> StemstModel:
-    """The package's model with its default diffusion settings, statistics from synthetic data."""
-    module = DiffusionModel(genes, dim, network)
-    module.set_statistics(torch.randn(1024, dim), torch.rand(1024, genes) * 6)
+    """The package's model with :func:`stemst.tl.fit`'s diffusion settings; heads and statistics from random data."""
+    gen = torch.Generator().manual_seed(0)
+    module = DiffusionModel(genes, dim, network, FIT_DIFFUSION)
+    cond = torch.randn(1024, dim, generator=gen)
+    module.set_projection(cond)
+    module.set_head(0.01 * torch.randn(256, genes, generator=gen), torch.full((genes,), 3.0))
+    hidden = FIT_DIFFUSION.head_hidden
+    module.set_mlp_head(
+        0.01 * torch.randn(dim, hidden, generator=gen),
+        torch.zeros(hidden),
+        0.01 * torch.randn(hidden, genes, generator=gen),
+        torch.full((genes,), 3.0),
+    )
+    module.set_statistics(cond, torch.rand(1024, genes, generator=gen) * 6, projection=False)
     return StemstModel(module, genes=[f"g{i}" for i in range(genes)], embedding_key="X_bench").to(device)
 
 
@@ -120,7 +137,7 @@ def main() -> None:
         write_docs(json.loads(Path(args.out).read_text()))
         return
     dev = resolve_device(args.device)
-    genes, dim, batch = 200, 1280, 256
+    genes, dim, batch = 100, 3 * 1632, 256
     rows = []
     peak = peak_tflops(dev, args.peak_tflops)
     for name, network in CONFIGS.items():
@@ -181,8 +198,8 @@ def write_docs(out: dict) -> None:
     DOCS.write_text(
         "## Training and sampling speed\n\n"
         f"Measured with `{out.get('command', 'python benchmarks/train.py --quick --device cpu')}` on {out['cpu']} ({out['device']}, "
-        f"{out['torch_threads']} torch threads, torch {out['torch']}); {out['note']}. Batch 256, 200 genes, 1280-d "
-        "embeddings; sampling: DPM-Solver++(2M), 25 steps, 20 samples per spot. `step_gflop`: FLOPs of one step's "
+        f"{out['torch_threads']} torch threads, torch {out['torch']}); {out['note']}. Batch 256, 100 genes, 4896-d "
+        "conditions (the default spatial context) with `stemst.tl.fit`'s mean head and 8 whitened components; sampling: DPM-Solver++(2M), 25 steps, 20 samples per spot. `step_gflop`: FLOPs of one step's "
         "forward + backward (FlopCounterMode); `achieved_tflops` = that x steps/s; `utilisation` = achieved / the GPU's "
         "dense bf16 peak (on CUDA only).\n\n" + markdown_table(df, floatfmt=".3g") + "\n"
     )
