@@ -426,6 +426,40 @@ def test_changed_settings_are_embedded_again(c2_crop, cache_dir):
     assert _run(_crop_sdata(c2_crop))[0] == n * 8  # the original image's pixels no longer match that file
 
 
+def test_unverified_cache_reads_no_pixels(c2_crop, cache_dir, monkeypatch):
+    import stemst.pp._embed as embed_module
+
+    reads = []
+    real = embed_module.read_patches
+
+    def counting(image, corners, patch_px):
+        reads.append(len(corners))
+        return real(image, corners, patch_px)
+
+    monkeypatch.setattr(embed_module, "read_patches", counting)
+    n = len(c2_crop.spot_ids)
+    _, x, views, _ = _run(_crop_sdata(c2_crop))
+    assert sum(reads) == n  # embedded: every patch read once
+    reads.clear()
+    calls, x2, _, settings = _run(_crop_sdata(c2_crop))
+    assert calls == 0 and sum(reads) == n and settings["cache_hit"] == {"C2": True}  # verified: read again
+    reads.clear()
+    calls, x3, views3, settings = _run(_crop_sdata(c2_crop), verify_cache=False)
+    assert calls == 0 and reads == [] and settings["cache_hit"] == {"C2": True}  # trusted: no pixel read
+    np.testing.assert_array_equal(x3, x)
+    np.testing.assert_array_equal(views3, views)
+    # the trade-off, documented: an image edited under a spot goes unnoticed without the check, not with it
+    edited = c2_crop.image.copy()
+    cx, cy = np.round(c2_crop.coords[-1]).astype(int)
+    edited[:, cy - 2 : cy + 2, cx - 2 : cx + 2] = 0
+    assert _run(_crop_sdata(c2_crop, image=edited), verify_cache=False)[0] == 0
+    assert _run(_crop_sdata(c2_crop, image=edited))[0] == n * 8
+    # a changed setting is still a miss without the pixel check
+    moved = c2_crop.coords.copy()
+    moved[0] += [3.0, 0.0]
+    assert _run(_crop_sdata(c2_crop, coords=moved), verify_cache=False)[0] == n * 8
+
+
 def test_fingerprint_follows_weights_code_and_closures():
     torch.manual_seed(0)
     a = timm.create_model("test_resnet", pretrained=False, num_classes=0)

@@ -112,8 +112,8 @@ def prepare(
     """Embed, add spatial context and choose the panel in a SpatialData zarr store; sections shared among ranks.
 
     Under torchrun each process embeds every ``world_size``-th section into a cache folder beside the store; rank 0
-    then assembles them (cache hits, no encoder) with the context and the panel and writes the table back, so the
-    result is the same as one process's.
+    then assembles them (cache hits: neither the encoder nor the patches are read again) with the context and the
+    panel and writes the table back, so the result is the same as one process's.
     """
     import stemst
     from stemst._schema import embedding_key, get_table
@@ -133,7 +133,9 @@ def prepare(
     distributed.barrier()
     result: dict = {"store": str(store), "sections": sections, "world_size": world}
     if distributed.is_main():
-        stemst.pp.embed_patches(sdata, progress=progress and world == 1, **kwargs)
+        # with several processes every section is in the cache now, each checked against its pixels by the
+        # process that embedded it: rank 0 reads the files without reading the patches a second time
+        stemst.pp.embed_patches(sdata, progress=progress and world == 1, verify_cache=world == 1, **kwargs)
         key = stemst.pp.spatial_context(sdata, embedding_key=embedding_key(encoder), use_views=augment)
         stemst.pp.select_genes(sdata, train_sections=train_sections, n_genes=n_genes)
         _replace_table(sdata, store)

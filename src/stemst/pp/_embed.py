@@ -362,8 +362,12 @@ def _cache_path(folder: Path, section: str, key: str) -> Path:
     return folder / f"{safe}-{_digest(key.encode())[:20]}.npz"
 
 
-def _read_cache(path: Path, key: str, pixels: str, n_spots: int, n_views: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_cache(
+    path: Path, key: str, pixels: str | None, n_spots: int, n_views: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Return the cached ``(features, clipped)`` if ``path`` was made with ``key`` from the same pixels, else None.
+
+    ``pixels=None`` skips the pixel check (``verify_cache=False``).
 
     An unreadable or inconsistent file is reported with a warning and ignored: the section is embedded again.
     """
@@ -383,7 +387,7 @@ def _read_cache(path: Path, key: str, pixels: str, n_spots: int, n_views: int) -
         return None
     if stored_key != key:  # a digest collision, or a file renamed by hand
         return None
-    if stored_pixels != pixels:
+    if pixels is not None and stored_pixels != pixels:
         logger.info("Cache %s: the image pixels under the spots changed; embedding again.", path.name)
         return None
     return feats, clipped
@@ -442,6 +446,7 @@ def embed_patches(
     progress: bool = True,
     key_added: str | None = None,
     cache: bool | str | os.PathLike = True,
+    verify_cache: bool = True,
 ) -> None:
     """Embed a square H&E patch centred on every spot with an image encoder.
 
@@ -464,7 +469,10 @@ def embed_patches(
     embedding, never a stale one. Files are written atomically; an unreadable file is embedded again with a warning.
     ``batch_size``, ``progress`` and ``key_added`` are not part of the key. For a custom callable encoder the digest
     covers its code and the simple values it closes over, not global state it reads: pass ``cache=False`` if that
-    changes. Delete the folder to empty the cache.
+    changes. Delete the folder to empty the cache. With ``verify_cache=False`` the pixel check is skipped and a file
+    is used when every other setting matches: for files this same pipeline has just written (as ``stemst prepare``
+    does under ``torchrun``, where rank 0 gathers what the other processes embedded), or for slides too large to
+    read twice that are known not to have changed.
 
     Parameters
     ----------
@@ -498,6 +506,10 @@ def embed_patches(
         ``True``: use the default cache folder, ``$STEMST_CACHE_DIR/embeddings`` if that variable is set, else
         ``embeddings/`` in the user's cache (``pooch.os_cache("stemst")``, e.g. ``~/.cache/stemst`` on Linux). A path:
         use that folder. ``False``: neither read nor write a cache.
+    verify_cache
+        Read a section's patches again and compare their digest with the cached file's before using it (default).
+        ``False`` trusts the other settings (image shape, spot centres, encoder, patch size, views) and reads no
+        pixels on a cache hit; an image edited in place is then not noticed.
 
     Returns
     -------
@@ -580,10 +592,13 @@ def embed_patches(
             job.key = _section_key(plans[s][0], plans[s][1], coords[job.rows_table], embedder, n_views, job.full_shape)
             job.path = _cache_path(folder, s, job.key)
             if job.path.is_file():
-                pixels = _PixelHash()
-                for patches, _ in _prefetched(reads(s)):
-                    pixels.update(patches)
-                found = _read_cache(job.path, job.key, pixels.hexdigest(), len(job.rows), n_views)
+                digest = None
+                if verify_cache:
+                    pixels = _PixelHash()
+                    for patches, _ in _prefetched(reads(s)):
+                        pixels.update(patches)
+                    digest = pixels.hexdigest()
+                found = _read_cache(job.path, job.key, digest, len(job.rows), n_views)
                 if found is not None:
                     if feats is None:
                         feats = np.full((adata.n_obs, n_views, found[0].shape[-1]), np.nan, dtype=np.float32)
