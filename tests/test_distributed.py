@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import stemst
-from stemst._cli import prepare
+from stemst._cli import predict, prepare, section_seed
 from stemst.model import distributed
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -29,7 +29,7 @@ def raw_store(data_dir, tmp_path_factory):
     return path
 
 
-def _torchrun(runs: list[list[str]], tmp_path: Path) -> None:
+def _torchrun(runs: list[list[str]], tmp_path: Path) -> str:
     """Run ``stemst`` command lines one after the other in the same 2 torchrun processes (imports paid once)."""
     script = tmp_path / "runs.py"
     script.write_text(f"from stemst._cli import main\nfor argv in {runs!r}:\n    main(argv)\n")
@@ -37,6 +37,7 @@ def _torchrun(runs: list[list[str]], tmp_path: Path) -> None:
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -69,8 +70,14 @@ def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path):
         ["prepare", str(two), "--train-sections", "C2", "C6", "--encoder", "color_stats", "--genes", "16"],
         ["fit", str(two), "--out", str(tmp_path / "m10"), "--steps", "10", *common],
         ["fit", str(two), "--out", str(tmp_path / "m20"), "--steps", "20", "--resume", *common],
+        # each process samples one section with the one-process model; rank 0 writes the table
+        ["predict", str(two), "--model", str(tmp_path / "ref20"), "--samples", "3", "--seed", "5", "--no-progress"],
     ]
-    _torchrun(runs, tmp_path)
+    said = _torchrun(runs, tmp_path)
+    assert not list(tmp_path.glob(".two.zarr.*parts*"))  # the per-process files are cleaned up
+    # the processes agree on the order of the sections, so each takes a different one
+    for rank, section in ((0, "C2"), (1, "C6")):
+        assert f"rank {rank}/2: embedding {section}" in said and f"rank {rank}/2: predicted {section} " in said
     assert (ckpt / "checkpoint.pt").exists()
 
     a, b = stemst.io.read_zarr(one).tables["table"], stemst.io.read_zarr(two).tables["table"]
@@ -86,6 +93,21 @@ def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path):
         [h["loss"] for h in config["history"]], [h["loss"] for h in ref["history"]], rtol=1e-4, atol=1e-5
     )
     assert config["history"][-1]["step"] > 10  # the resumed run went on training
+
+    # prediction: one process writes the same table as two, and each section as tl.predict seeded per section
+    predict(one, tmp_path / "ref20", n_samples=3, seed=5, progress=False)
+    p1, p2 = (stemst.io.read_zarr(z).tables["stemst_prediction"] for z in (one, two))
+    assert p1.shape == (a.n_obs, a.var["stemst_panel"].sum()) and list(p1.obs["section"].cat.categories) == ["C2", "C6"]
+    assert p1.obs_names.equals(a.obs_names) and (p1.layers["std"] > 0).mean() > 0.9
+    np.testing.assert_allclose(p2.X, p1.X, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p2.layers["std"], p1.layers["std"], rtol=1e-4, atol=1e-5)
+    model = stemst.tl.StemstModel.load(tmp_path / "ref20", device="cpu")
+    c6 = stemst.tl.predict(model, a, sections="C6", n_samples=3, rng=section_seed(5, 1), progress=False)
+    np.testing.assert_array_equal(p1[p1.obs["section"] == "C6"].layers["std"], c6.layers["std"])
+    with pytest.raises(SystemExit, match="unknown sections"):
+        predict(one, tmp_path / "ref20", sections=["C9"], progress=False)
+    with pytest.raises(stemst.StemstError, match="overwrite"):
+        predict(one, tmp_path / "ref20", progress=False)
     w10, w20 = _weights(tmp_path / "m10"), _weights(tmp_path / "m20")
     assert any(not torch.equal(w10[k], w20[k]) for k in w10 if k.startswith("net."))
 

@@ -3,9 +3,10 @@
 - ``stemst demo``: the main job end to end on real data (HER2ST).
 - ``stemst prepare STORE.zarr``: embed patches, add the spatial context and choose the gene panel, in the store.
 - ``stemst fit STORE.zarr --out MODEL``: train on a prepared store and save the model.
+- ``stemst predict STORE.zarr --model MODEL``: sample the sections of a prepared store into a prediction table in it.
 
-``prepare`` and ``fit`` run as they are under ``torchrun`` (``torchrun --nproc_per_node=N -m stemst fit ...``):
-``prepare`` shares the sections among the processes, ``fit`` trains with DistributedDataParallel.
+All three run as they are under ``torchrun`` (``torchrun --nproc_per_node=N -m stemst fit ...``): ``prepare`` and
+``predict`` share the sections among the processes, ``fit`` trains with DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -167,6 +168,111 @@ def fit(store: Path, out: Path, *, fit_kwargs: dict, overwrite: bool = False) ->
     return {"out": str(out), "elapsed_s": elapsed, "world_size": distributed.world_size()}
 
 
+def section_seed(seed: int, index: int) -> int:
+    """Seed of the section at ``index`` (its position among the store's sections) for the run seeded ``seed``.
+
+    Examples
+    --------
+    >>> section_seed(0, 3) == section_seed(0, 3) != section_seed(0, 4)
+    True
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def predict(
+    store: Path,
+    model_dir: Path,
+    *,
+    sections: list[str] | None = None,
+    n_samples: int = 20,
+    key_added: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    keep_samples: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Sample a saved model's predictions for the sections of a prepared store and write them into the store.
+
+    Every section is sampled on its own, seeded by :func:`section_seed` from ``seed`` and its position in the store,
+    so the table does not depend on how many processes made it. Under torchrun each process predicts every
+    ``world_size``-th section (on its own GPU when there are several) into a folder beside the store; rank 0 then
+    writes them, in the store's section order, as one table (the layout of :func:`stemst.tl.predict`).
+    """
+    import shutil
+
+    import anndata as ad
+    import pandas as pd
+
+    import stemst
+    from stemst._schema import PREDICTION_KEY, check_table_key_free, get_table
+    from stemst._schema import sections as list_sections
+    from stemst._torch import resolve_device
+    from stemst.model import distributed
+    from stemst.tl._predict import as_spatialdata_table
+
+    distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
+    sdata = stemst.io.read_zarr(store)
+    table = get_table(sdata)
+    known = list_sections(table)
+    chosen = known if not sections else list(sections)
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        raise SystemExit(f"stemst predict: unknown sections {unknown}; the store has {known}.")
+    key = key_added or PREDICTION_KEY
+    check_table_key_free(sdata, key, overwrite=overwrite)
+    model = stemst.tl.StemstModel.load(model_dir, device=distributed.device(resolve_device(device)))
+    parts = store.parent / f".{store.name}.{key}.parts"
+    mine = chosen[rank::world]
+    t0 = time.perf_counter()
+    tables = {}
+    for s in mine:
+        i = known.index(s)
+        out = stemst.tl.predict(
+            model,
+            table,
+            sections=s,
+            n_samples=n_samples,
+            keep_samples=keep_samples,
+            rng=section_seed(seed, i),
+            progress=progress and world == 1,
+        )
+        if world > 1:
+            parts.mkdir(parents=True, exist_ok=True)
+            out.write_h5ad(parts / f"{i:06d}.h5ad")
+        else:
+            tables[s] = out
+    if world > 1:
+        _say(f"rank {rank}/{world}: predicted {', '.join(mine) or 'no section'} in {time.perf_counter() - t0:.1f} s")
+    distributed.barrier()
+    result = {"store": str(store), "key": key, "sections": chosen, "world_size": world}
+    if distributed.is_main():
+        if world > 1:
+            tables = {s: ad.read_h5ad(parts / f"{known.index(s):06d}.h5ad") for s in chosen}
+        merged = ad.concat([tables[s] for s in chosen], merge="same")
+        merged.obs["section"] = pd.Categorical(merged.obs["section"].astype(str), categories=chosen)
+        merged.uns[PREDICTION_KEY] = {
+            **{k: v for k, v in tables[chosen[0]].uns[PREDICTION_KEY].items() if k != "rng"},
+            "rng": int(seed),
+            "seeds": "per section: stemst._cli.section_seed(rng, position among the store's sections)",
+        }
+        if "stemst" in table.uns and "sections" in table.uns["stemst"]:
+            merged.uns["stemst"] = {"sections": table.uns["stemst"]["sections"]}
+        if key in sdata.tables:
+            sdata.delete_element_from_disk(key)
+        sdata.tables[key] = as_spatialdata_table(merged)
+        sdata.write_element(key)
+        shutil.rmtree(parts, ignore_errors=True)
+        _say(
+            f"Wrote {merged.n_obs} spots x {merged.n_vars} genes ({n_samples} samples each) to {store} as table {key!r}"
+        )
+    distributed.barrier()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stemst`` command."""
     parser = argparse.ArgumentParser(prog="stemst", description=__doc__)
@@ -206,6 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("predict", help="sample a saved model's predictions into a prepared store (runs under torchrun)")
+    p.add_argument("store", type=Path, help="prepared SpatialData .zarr store (stemst prepare)")
+    p.add_argument("--model", type=Path, required=True, help="model folder (stemst fit --out)")
+    p.add_argument("--sections", nargs="+", default=None, help="sections to predict (default: all)")
+    p.add_argument("--samples", type=int, default=20, help="samples per spot (default: 20)")
+    p.add_argument("--key-added", default=None, help="name of the prediction table (default: stemst_prediction)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (each section gets its own from it)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available; under torchrun cuda:LOCAL_RANK), cpu")
+    p.add_argument("--keep-samples", action="store_true", help="store the samples in obsm['samples']")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -236,6 +353,19 @@ def main(argv: list[str] | None = None) -> int:
             "progress": not args.no_progress,
         }
         fit(args.store, args.out, fit_kwargs=fit_kwargs, overwrite=args.overwrite)
+    elif args.command == "predict":
+        predict(
+            args.store,
+            args.model,
+            sections=args.sections,
+            n_samples=args.samples,
+            key_added=args.key_added,
+            seed=args.seed,
+            device=args.device,
+            keep_samples=args.keep_samples,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     return 0
 
 

@@ -358,16 +358,21 @@ def get_table(sdata: Any, table_key: str = TABLE_KEY) -> ad.AnnData:
 
 
 def sections(adata: ad.AnnData) -> list[str]:
-    """Section names of a stemst table, in order."""
+    """Section names of a stemst table, in the order of its spots (then any section without spots, sorted).
+
+    The order is the same in every process that reads the same table: the keys of ``uns`` read back from a zarr
+    store are not ordered reliably, the rows are.
+    """
     info = adata.uns.get(UNS_KEY, {}).get("sections")
+    if SECTION_KEY in adata.obs:
+        seen = [str(c) for c in pd.unique(adata.obs[SECTION_KEY].astype(str))]
+        return seen if info is None else seen + sorted(str(k) for k in info if str(k) not in seen)
     if info is None:
-        if SECTION_KEY in adata.obs:
-            return [str(c) for c in pd.unique(adata.obs[SECTION_KEY])]
         raise StemstDataError(
             f"The table has no uns[{UNS_KEY!r}]['sections'] and no obs[{SECTION_KEY!r}]; "
             "load data with stemst.datasets or stemst.io."
         )
-    return list(info.keys())
+    return sorted(str(k) for k in info)
 
 
 def section_info(adata: ad.AnnData, section: str) -> SectionInfo:

@@ -173,17 +173,25 @@ def predict(
 
     if isinstance(data, ad.AnnData):
         return out
-    if REGION_KEY in obs:
-        from spatialdata.models import TableModel
-
-        obs[REGION_KEY] = pd.Categorical(obs[REGION_KEY].astype(str))
-        out.obs[REGION_KEY] = obs[REGION_KEY]
-        out = TableModel.parse(
-            out, region=list(obs[REGION_KEY].cat.categories), region_key=REGION_KEY, instance_key=INSTANCE_KEY
-        )
-    data.tables[key] = out
+    data.tables[key] = as_spatialdata_table(out)
     logger.info("Stored predictions in sdata.tables[%r]", key)
     return key
+
+
+def as_spatialdata_table(table: ad.AnnData) -> ad.AnnData:
+    """Return a prediction table parsed as a SpatialData table annotating the source spots' shapes (when known).
+
+    ``obs['region']`` (one category per shapes element) and ``obs['spot_id']`` link each row to its circle, as in the
+    counts table.
+    """
+    if REGION_KEY not in table.obs:
+        return table
+    from spatialdata.models import TableModel
+
+    table.obs[REGION_KEY] = pd.Categorical(table.obs[REGION_KEY].astype(str))
+    return TableModel.parse(
+        table, region=list(table.obs[REGION_KEY].cat.categories), region_key=REGION_KEY, instance_key=INSTANCE_KEY
+    )
 
 
 @doc_params(table_key=doc_table_key, rng=doc_rng, progress=doc_progress)
