@@ -258,6 +258,9 @@ def write_visium_hd(root, parts: dict, *, bin_size: int, off_tissue: int = 3) ->
     lowres, s_lo = _resize(parts["image"], LOWRES_SIDE)
     Image.fromarray(hires).save(spatial / "tissue_hires_image.png")
     Image.fromarray(lowres).save(spatial / "tissue_lowres_image.png")
+    import tifffile
+
+    tifffile.imwrite(root / "fullres.tif", parts["image"], photometric="rgb", tile=(256, 256))
     bin_px = bin_size / parts["mpp"]
     scalefactors = {"tissue_hires_scalef": s_hi, "tissue_lowres_scalef": s_lo, "spot_diameter_fullres": bin_px}
     (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors))
@@ -278,22 +281,24 @@ def write_visium_hd(root, parts: dict, *, bin_size: int, off_tissue: int = 3) ->
     return {"hires": hires, "scalefactors": scalefactors}
 
 
-@pytest.mark.parametrize("image", ["hires", "lowres"])
+@pytest.mark.parametrize("image", ["hires", "lowres", "fullres"])
 def test_visium_hd_bins_as_spots(tmp_path, c2, image):
     # the HER2ST spots (100 µm) stand in for bins of 100 µm: real pixels and counts in the Visium HD layout
     written = write_visium_hd(tmp_path / "hd" / "outs", c2, bin_size=100)
+    kwargs = {"fullres_image_file": "fullres.tif"} if image == "fullres" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", stemst.StemstWarning)
-        sdata = stemst.io.visium_hd(tmp_path / "hd" / "outs", bin_size=100, image=image)
-    scale = written["scalefactors"][f"tissue_{image}_scalef"]
+        sdata = stemst.io.visium_hd(tmp_path / "hd" / "outs", bin_size=100, image=image, **kwargs)
+    scale = 1.0 if image == "fullres" else written["scalefactors"][f"tissue_{image}_scalef"]
     _check_common(sdata, c2, "hd", coords=c2["coords"] * scale, mpp=c2["mpp"] / scale)
     info = _schema.section_info(sdata.tables["table"], "hd")
     assert info.spot_diameter_um == 100.0 and info.extra["bin_size_um"] == 100
     assert info.extra["platform"] == "10x Visium HD"
     assert not sdata.tables["table"].obs[_schema.INSTANCE_KEY].str.startswith("BG").any()
-    if image == "hires":
+    if image != "lowres":  # the kept image is the file's pixels
         img = np.asarray(_schema.get_image(sdata, "hd"))
-        np.testing.assert_array_equal(img, written["hires"].transpose(2, 0, 1))
+        expected = c2["image"] if image == "fullres" else written["hires"]
+        np.testing.assert_array_equal(img, expected.transpose(2, 0, 1))
 
 
 def test_visium_hd_conversion_of_what_spatialdata_io_returns(tmp_path, c2):
