@@ -16,7 +16,7 @@ from stemst._cli import predict, prepare, section_seed
 from stemst.model import distributed
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-# C2 (187 spots) held out: early stopping and calibration run on every process, so keep them small
+# C2 (187 spots) held out: the calibration runs on every process, so keep it small
 FIT = ["--embedding-key", "X_color_stats_context", "--batch-size", "48", "--seed", "3", "--validation", "C2"]
 FIT += ["--no-progress"]
 
@@ -29,10 +29,10 @@ def raw_store(data_dir, tmp_path_factory):
     return path
 
 
-def _torchrun(runs: list[list[str]], tmp_path: Path) -> str:
+def _torchrun(runs: list[list[str]], tmp_path: Path, preamble: str = "") -> str:
     """Run ``stemst`` command lines one after the other in the same 2 torchrun processes (imports paid once)."""
     script = tmp_path / "runs.py"
-    script.write_text(f"from stemst._cli import main\nfor argv in {runs!r}:\n    main(argv)\n")
+    script.write_text(f"{preamble}from stemst._cli import main\nfor argv in {runs!r}:\n    main(argv)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -51,8 +51,11 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this python")
-def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path):
+def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path, monkeypatch):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    # the held-out section C2 in 3 chunks: under torchrun the processes share the early-stopping evaluation
+    monkeypatch.setattr("stemst.tl._validation.EVAL_CHUNK", 64)
+    chunks = "import stemst.tl._validation\nstemst.tl._validation.EVAL_CHUNK = 64\n"
     shutil.copytree(raw_store, one)
     shutil.copytree(raw_store, two)
     # one process, in this one: prepare (cheap colour embeddings, 8 views), 10 steps with a checkpoint, resume to 20
@@ -73,7 +76,7 @@ def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path):
         # each process samples one section with the one-process model; rank 0 writes the table
         ["predict", str(two), "--model", str(tmp_path / "ref20"), "--samples", "3", "--seed", "5", "--no-progress"],
     ]
-    said = _torchrun(runs, tmp_path)
+    said = _torchrun(runs, tmp_path, preamble=chunks)
     assert not list(tmp_path.glob(".two.zarr.*parts*"))  # the per-process files are cleaned up
     # the processes agree on the order of the sections, so each takes a different one
     for rank, section in ((0, "C2"), (1, "C6")):
@@ -93,6 +96,9 @@ def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path):
         [h["loss"] for h in config["history"]], [h["loss"] for h in ref["history"]], rtol=1e-4, atol=1e-5
     )
     assert config["history"][-1]["step"] > 10  # the resumed run went on training
+    held_out = [h["val_mse"] for h in config["history"] if "val_mse" in h]
+    assert len(held_out) >= 2
+    np.testing.assert_allclose(held_out, [h["val_mse"] for h in ref["history"] if "val_mse" in h], rtol=1e-5)
 
     # prediction: one process writes the same table as two, and each section as tl.predict seeded per section
     predict(one, tmp_path / "ref20", n_samples=3, seed=5, progress=False)

@@ -57,6 +57,35 @@ def test_mean_head_is_at_least_as_good_as_ridge_on_the_same_features(embedded, m
     assert tab.loc["stemst", "mean_pearson"] > tab.loc["ridge", "mean_pearson"] - 0.02
 
 
+def test_held_out_loss_in_chunks_keeps_the_single_batch_value(embedded, model, monkeypatch):
+    """Bounded memory on large held-out sets: the early-stopping loss and the point prediction work in chunks."""
+    import stemst.tl._validation as validation
+    from stemst.tl._data import get_targets
+
+    table = embedded.tables["table"]
+    held = table[(table.obs["section"] == "C5").to_numpy()]
+    cond = torch.as_tensor(np.asarray(held.obsm[f"{KEY}_context"], np.float32))
+    y = torch.as_tensor(get_targets(held, model.genes, "log2p1"))
+    stopper = validation.EarlyStopping(cond, y, every=1, seed=4)
+    module = model.module
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        by_hand = np.mean([float(module.loss(y, cond, generator=gen)[1].mean()) for _ in range(stopper.repeats)])
+    assert len(y) < validation.EVAL_CHUNK
+    one = stopper.loss(module)
+    assert one == pytest.approx(by_hand, rel=1e-5)
+    monkeypatch.setattr(validation, "EVAL_CHUNK", 40)  # C5's spots in several chunks, each with its own draws
+    chunked = stopper.loss(module)
+    assert chunked == stopper.loss(module)  # fixed seeds: the same value every time
+    assert chunked != one and chunked == pytest.approx(one, rel=0.05)  # another Monte Carlo draw of the same loss
+    # the point prediction, computed a few rows per network call, equals the one-batch value
+    whole = model.point_estimate(cond.numpy(), None)
+    monkeypatch.setattr(type(module), "default_batch_size", property(lambda self: 7))
+    small = model.point_estimate(cond.numpy(), None)
+    assert small.shape == (len(cond), model.n_genes)
+    np.testing.assert_allclose(small, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_single_section_holds_out_a_spatial_block(embedded):
     m = fit(embedded, sections="C2", steps=40, **FAST)
     assert m.training["validation"].startswith("block") and "calibration" in m.training

@@ -257,8 +257,10 @@ class StemstModel(Predictor):
         """
         if not self.module.diffusion.head_pcs:
             return samples.mean(0)
-        mean = self.module.mean(torch.as_tensor(np.asarray(X, np.float32)).to(self.device))
-        return mean.clamp_min(0.0).cpu().numpy().astype(np.float32)
+        X = np.asarray(X, np.float32)
+        step = self.module.default_batch_size  # rows per network call, as in sampling: bounded memory
+        means = [self.module.mean(torch.as_tensor(X[i : i + step]).to(self.device)) for i in range(0, len(X), step)]
+        return torch.cat(means).clamp_min(0.0).cpu().numpy().astype(np.float32)
 
     # ---------------------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -16,7 +16,7 @@ import torch
 
 from stemst._logging import logger
 from stemst._schema import StemstDataError
-from stemst.model import DiffusionModel, TrainingState
+from stemst.model import DiffusionModel, TrainingState, distributed
 from stemst.model.calibration import LEVELS, interval_hits, spread_scales
 from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, spatial_blocks
 from stemst.tl._data import TrainingSet
@@ -25,6 +25,20 @@ from stemst.tl._data import TrainingSet
 RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: spatial blocks used as groups when the training data is a single section
 N_BLOCKS = 4
+#: held-out rows per network call in the early-stopping loss and the calibration (bounds the memory they need)
+EVAL_CHUNK = 4096
+
+
+def chunk_seed(seed: int, k: int) -> int:
+    """Seed of the ``k``-th chunk of held-out rows: ``seed`` itself for the first, so that a held-out set of one
+    chunk is drawn exactly as a single batch seeded ``seed``.
+
+    Examples
+    --------
+    >>> chunk_seed(7, 0), chunk_seed(7, 1) == chunk_seed(7, 1) != chunk_seed(7, 2)
+    (7, True)
+    """
+    return int(seed) if k == 0 else int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
 
 
 def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray, str | None]:
@@ -152,14 +166,26 @@ class EarlyStopping:
 
     @torch.no_grad()
     def loss(self, module: DiffusionModel) -> float:
-        """Mean held-out loss of ``module``."""
-        gen = torch.Generator(module.device).manual_seed(self.seed)
-        c, y = self.cond.to(module.device), self.y.to(module.device)
+        """Mean held-out loss of ``module``.
+
+        The held-out rows are evaluated :data:`EVAL_CHUNK` at a time, each chunk with its own seed
+        (:func:`chunk_seed`); under ``torchrun`` each process evaluates every ``world_size``-th chunk and the sums are
+        added up across the processes, so the value does not depend on how many processes compute it.
+        """
         was = module.training
         module.eval()
-        total = sum(float(module.loss(y, c, generator=gen)[1].mean()) for _ in range(self.repeats))
+        total = torch.zeros((), dtype=torch.float64, device=module.device)
+        rank, world = distributed.rank(), distributed.world_size()
+        for k, start in enumerate(range(0, len(self.y), EVAL_CHUNK)):
+            if k % world != rank:
+                continue
+            gen = torch.Generator(module.device).manual_seed(chunk_seed(self.seed, k))
+            stop = start + EVAL_CHUNK
+            c, y = self.cond[start:stop].to(module.device), self.y[start:stop].to(module.device)
+            for _ in range(self.repeats):
+                total += module.loss(y, c, generator=gen)[1].double().sum()
         module.train(was)
-        return total / self.repeats
+        return float(distributed.all_sum(total)) / (len(self.y) * self.repeats)
 
     def __call__(self, state: TrainingState) -> bool:
         if self.curve and state.step < self.curve[-1]["step"] + self.every:
@@ -202,7 +228,12 @@ def calibrate(
     module.eval()
     cond = cond.to(module.device, torch.float32)
     base = Y - residuals
-    m = (module.from_network(module.network_mean(module.condition(cond))) - module.y_mean).cpu().numpy()
+    m = torch.cat(
+        [
+            module.from_network(module.network_mean(module.condition(cond[i : i + EVAL_CHUNK]))) - module.y_mean
+            for i in range(0, len(cond), EVAL_CHUNK)
+        ]
+    ).cpu().numpy()
     offset = module.y_mean.cpu().numpy()
     scores = [mean_pearson(base + offset + w * m, Y) for w in RESIDUAL_WEIGHTS]
     weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
