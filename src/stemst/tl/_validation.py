@@ -30,8 +30,10 @@ EVAL_CHUNK = 4096
 
 
 def chunk_seed(seed: int, k: int) -> int:
-    """Seed of the ``k``-th chunk of held-out rows: ``seed`` itself for the first, so that a held-out set of one
-    chunk is drawn exactly as a single batch seeded ``seed``.
+    """Seed of the ``k``-th chunk of held-out rows.
+
+    ``seed`` itself for the first, so that a held-out set of one chunk is drawn exactly as a single batch seeded
+    ``seed``.
 
     Examples
     --------
@@ -228,12 +230,16 @@ def calibrate(
     module.eval()
     cond = cond.to(module.device, torch.float32)
     base = Y - residuals
-    m = torch.cat(
-        [
-            module.from_network(module.network_mean(module.condition(cond[i : i + EVAL_CHUNK]))) - module.y_mean
-            for i in range(0, len(cond), EVAL_CHUNK)
-        ]
-    ).cpu().numpy()
+    m = (
+        torch.cat(
+            [
+                module.from_network(module.network_mean(module.condition(cond[i : i + EVAL_CHUNK]))) - module.y_mean
+                for i in range(0, len(cond), EVAL_CHUNK)
+            ]
+        )
+        .cpu()
+        .numpy()
+    )
     offset = module.y_mean.cpu().numpy()
     scores = [mean_pearson(base + offset + w * m, Y) for w in RESIDUAL_WEIGHTS]
     weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
