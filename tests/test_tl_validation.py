@@ -86,6 +86,39 @@ def test_held_out_loss_in_chunks_keeps_the_single_batch_value(embedded, model, m
     np.testing.assert_allclose(small, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_calibration_in_chunks_and_on_a_subset(embedded, model, monkeypatch):
+    import copy
+
+    import stemst.tl._validation as validation
+    from stemst.tl._data import get_targets
+
+    table = embedded.tables["table"]
+    held = table[(table.obs["section"] == "C5").to_numpy()]
+    cond = torch.as_tensor(np.asarray(held.obsm[f"{KEY}_context"], np.float32))
+    y = get_targets(held, model.genes, "log2p1")
+    with torch.no_grad():
+        residuals = y - model.module.head(cond).numpy()
+
+    def run():
+        module = copy.deepcopy(model.module)
+        about = validation.calibrate(module, cond, residuals, y, n_samples=10, steps=5, seed=1)
+        return about, module.spread.clone()
+
+    whole, spread = run()
+    assert whole["n_spots"] == whole["n_held_out"] == len(y)
+    again, spread_again = run()
+    assert again == whole and torch.equal(spread, spread_again)  # fixed seeds
+    monkeypatch.setattr(validation, "EVAL_CHUNK", 40)  # C5 sampled 40 spots at a time, each chunk with its seed
+    chunked, spread_chunked = run()
+    assert not torch.equal(spread, spread_chunked)
+    assert chunked["spread_median"] == pytest.approx(whole["spread_median"], rel=0.15)
+    assert 0.8 <= chunked["coverage_after"]["coverage_90"] <= 1.0
+    monkeypatch.setattr(validation, "CALIBRATION_MAX_SPOTS", 100)  # a large held-out set: a random subset
+    subset, _ = run()
+    assert subset["n_spots"] == 100 and subset["n_held_out"] == len(y)
+    assert 0.8 <= subset["coverage_after"]["coverage_90"] <= 1.0
+
+
 def test_single_section_holds_out_a_spatial_block(embedded):
     m = fit(embedded, sections="C2", steps=40, **FAST)
     assert m.training["validation"].startswith("block") and "calibration" in m.training

@@ -10,10 +10,10 @@ splits each global batch across the processes:
   the loss of its own share of the rows; the gradient is averaged by DDP and weighted by the rows each process
   had, so ``N`` processes with a global batch ``B`` take the same steps as one process with batch ``B`` (within
   float tolerance);
-- the held-out loss of early stopping is shared: each process evaluates every ``world_size``-th chunk of the
-  held-out rows and the sums are added up (:func:`all_sum`); the EMA and the calibration are computed identically
-  on every process; rank 0 alone writes checkpoints and saved models, and the others wait for it
-  (:func:`barrier`).
+- the held-out loss of early stopping and the calibration's samples are shared: each process computes every
+  ``world_size``-th chunk of the held-out rows and the results are added up (:func:`all_sum`); the EMA is
+  computed identically on every process; rank 0 alone writes checkpoints and saved models, and the others wait for
+  it (:func:`barrier`).
 
 Outside ``torchrun`` (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) nothing here does anything: one process is a world of one.
 """

@@ -27,6 +27,8 @@ RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 N_BLOCKS = 4
 #: held-out rows per network call in the early-stopping loss and the calibration (bounds the memory they need)
 EVAL_CHUNK = 4096
+#: held-out spots the spread calibration uses at most (a random subset beyond): per-gene scales need no more
+CALIBRATION_MAX_SPOTS = 20_000
 
 
 def chunk_seed(seed: int, k: int) -> int:
@@ -209,6 +211,26 @@ class EarlyStopping:
 
 
 @torch.no_grad()
+def _shared_samples(module: DiffusionModel, cond: torch.Tensor, *, n_samples: int, steps: int, seed: int) -> np.ndarray:
+    """Draw the samples minus the head, ``(n_samples, n, genes)``, :data:`EVAL_CHUNK` spots at a time.
+
+    Each chunk has its own seed (:func:`chunk_seed`); under ``torchrun`` each process samples every ``world_size``-th
+    chunk and the chunks are added up across the processes, so every process gets the samples one process would
+    draw, at ``1/world_size`` of the cost.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    out = torch.zeros((n_samples, len(cond), module.n_genes), dtype=torch.float32, device=module.device)
+    for k, start in enumerate(range(0, len(cond), EVAL_CHUNK)):
+        if k % world != rank:
+            continue
+        c = cond[start : start + EVAL_CHUNK]
+        gen = torch.Generator(module.device).manual_seed(chunk_seed(seed, k))
+        drawn = module.sample(c, n_samples=n_samples, steps=steps, generator=gen)
+        out[:, start : start + len(c)] = drawn - module.head(c)
+    return distributed.all_sum(out).cpu().numpy()
+
+
+@torch.no_grad()
 def calibrate(
     module: DiffusionModel,
     cond: torch.Tensor,
@@ -228,6 +250,10 @@ def calibrate(
     of the held-out values (:func:`stemst.model.calibration.spread_scales`).
     """
     module.eval()
+    n_held = len(Y)
+    if space is None and n_held > CALIBRATION_MAX_SPOTS:  # a random subset (the joint model keeps whole sections)
+        keep = np.sort(np.random.default_rng(seed).choice(n_held, CALIBRATION_MAX_SPOTS, replace=False))
+        cond, residuals, Y = cond[torch.as_tensor(keep)], residuals[keep], Y[keep]
     cond = cond.to(module.device, torch.float32)
     base = Y - residuals
     m = (
@@ -244,10 +270,14 @@ def calibrate(
     scores = [mean_pearson(base + offset + w * m, Y) for w in RESIDUAL_WEIGHTS]
     weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
     module.set_calibration(weight, 1.0)
-    gen = torch.Generator(module.device).manual_seed(seed)
-    joint = {} if space is None else {"neighbours": space[0], "offsets": space[1]}
-    drawn = module.sample(cond, n_samples=n_samples, steps=steps, generator=gen, **joint)
-    samples = (drawn - module.head(cond)).cpu().numpy()
+    if space is None:
+        samples = _shared_samples(module, cond, n_samples=n_samples, steps=steps, seed=seed)
+    else:  # neighbourhoods index into the whole held-out set: sampled at once, on every process
+        gen = torch.Generator(module.device).manual_seed(seed)
+        drawn = module.sample(
+            cond, n_samples=n_samples, steps=steps, generator=gen, neighbours=space[0], offsets=space[1]
+        )
+        samples = (drawn - module.head(cond)).cpu().numpy()
     before = {f"coverage_{round(q * 100)}": float(interval_hits(samples, residuals, q).mean()) for q in LEVELS}
     scales = spread_scales(samples, residuals)
     module.set_calibration(weight, torch.as_tensor(scales, dtype=torch.float32))
@@ -262,6 +292,7 @@ def calibrate(
         "coverage_before": before,
         "coverage_after": after,
         "n_spots": len(Y),
+        "n_held_out": n_held,
     }
     logger.info("Calibration on %d held-out spots: %s", len(Y), about)
     return about
