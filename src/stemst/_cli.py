@@ -207,7 +207,7 @@ def predict(
     import pandas as pd
 
     import stemst
-    from stemst._schema import PREDICTION_KEY, check_table_key_free, get_table
+    from stemst._schema import PREDICTION_KEY, SECTION_KEY, UNS_KEY, check_table_key_free, get_table
     from stemst._schema import sections as list_sections
     from stemst._torch import resolve_device
     from stemst.model import distributed
@@ -253,14 +253,14 @@ def predict(
         if world > 1:
             tables = {s: ad.read_h5ad(parts / f"{known.index(s):06d}.h5ad") for s in chosen}
         merged = ad.concat([tables[s] for s in chosen], merge="same")
-        merged.obs["section"] = pd.Categorical(merged.obs["section"].astype(str), categories=chosen)
+        merged.obs[SECTION_KEY] = pd.Categorical(merged.obs[SECTION_KEY].astype(str), categories=chosen)
         merged.uns[PREDICTION_KEY] = {
             **{k: v for k, v in tables[chosen[0]].uns[PREDICTION_KEY].items() if k != "rng"},
             "rng": int(seed),
             "seeds": "per section: stemst._cli.section_seed(rng, position among the store's sections)",
         }
-        if "stemst" in table.uns and "sections" in table.uns["stemst"]:
-            merged.uns["stemst"] = {"sections": table.uns["stemst"]["sections"]}
+        if "sections" in table.uns.get(UNS_KEY, {}):
+            merged.uns[UNS_KEY] = {"sections": table.uns[UNS_KEY]["sections"]}
         if key in sdata.tables:
             sdata.delete_element_from_disk(key)
         sdata.tables[key] = as_spatialdata_table(merged)
