@@ -102,7 +102,11 @@ def ring_graphs(adata: ad.AnnData, n_rings: int, spacing: float) -> list[sp.csr_
 
     Built with :func:`squidpy.gr.spatial_neighbors_radius` on ``obsm['spatial']`` of one section.
     """
-    import squidpy as sq
+    import warnings
+
+    with warnings.catch_warnings():  # squidpy's docstring tooling (docrep) warns about its own docstrings on import
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+        import squidpy as sq
     from spatialdata._logging import logger as sd_logger
 
     graphs = []
