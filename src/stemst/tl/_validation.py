@@ -45,6 +45,19 @@ def chunk_seed(seed: int, k: int) -> int:
     return int(seed) if k == 0 else int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
 
 
+def my_chunks(n: int) -> list[tuple[int, slice]]:
+    """Return the chunks of ``n`` held-out rows this process computes: ``(k, rows)``, every ``world_size``-th one.
+
+    Examples
+    --------
+    >>> my_chunks(10_000)  # one process: all of them
+    [(0, slice(0, 4096, None)), (1, slice(4096, 8192, None)), (2, slice(8192, 12288, None))]
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    starts = range(0, n, EVAL_CHUNK)
+    return [(k, slice(start, start + EVAL_CHUNK)) for k, start in enumerate(starts) if k % world == rank]
+
+
 def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray, str | None]:
     """Return the groups for cross-fitting (sections, or spatial blocks of a single section) and the held-out one.
 
@@ -179,13 +192,9 @@ class EarlyStopping:
         was = module.training
         module.eval()
         total = torch.zeros((), dtype=torch.float64, device=module.device)
-        rank, world = distributed.rank(), distributed.world_size()
-        for k, start in enumerate(range(0, len(self.y), EVAL_CHUNK)):
-            if k % world != rank:
-                continue
+        for k, rows in my_chunks(len(self.y)):
             gen = torch.Generator(module.device).manual_seed(chunk_seed(self.seed, k))
-            stop = start + EVAL_CHUNK
-            c, y = self.cond[start:stop].to(module.device), self.y[start:stop].to(module.device)
+            c, y = self.cond[rows].to(module.device), self.y[rows].to(module.device)
             for _ in range(self.repeats):
                 total += module.loss(y, c, generator=gen)[1].double().sum()
         module.train(was)
@@ -218,15 +227,11 @@ def _shared_samples(module: DiffusionModel, cond: torch.Tensor, *, n_samples: in
     chunk and the chunks are added up across the processes, so every process gets the samples one process would
     draw, at ``1/world_size`` of the cost.
     """
-    rank, world = distributed.rank(), distributed.world_size()
     out = torch.zeros((n_samples, len(cond), module.n_genes), dtype=torch.float32, device=module.device)
-    for k, start in enumerate(range(0, len(cond), EVAL_CHUNK)):
-        if k % world != rank:
-            continue
-        c = cond[start : start + EVAL_CHUNK]
+    for k, rows in my_chunks(len(cond)):
+        c = cond[rows]
         gen = torch.Generator(module.device).manual_seed(chunk_seed(seed, k))
-        drawn = module.sample(c, n_samples=n_samples, steps=steps, generator=gen)
-        out[:, start : start + len(c)] = drawn - module.head(c)
+        out[:, rows] = module.sample(c, n_samples=n_samples, steps=steps, generator=gen) - module.head(c)
     return distributed.all_sum(out).cpu().numpy()
 
 
