@@ -255,22 +255,25 @@ def json_of(path):
 
 def test_load_model_saved_by_0_1_0(tmp_path):
     """A model written by stemst 0.1.0 (format 1: ``net.*``/``stats.*`` tensors, flat config) loads and samples the
-    same values as it did then; saving it again writes format 2, which loads to the same model."""
+    same values as it did then; saving it again writes format 2, which loads to the same model.
+
+    The recorded values come from another CPU: float results differ across instruction sets (AVX2 vs AVX-512 reorder
+    sums), so they are compared with a tolerance; the reloaded copy, sampled in this process, must match bitwise.
+    """
     old = StemstModel.load(DATA / "model_v1", device="cpu")
     expected = np.load(DATA / "model_v1" / "expected.npz")
-    np.testing.assert_array_equal(
-        old.sample(expected["X"], n_samples=3, steps=10, rng=0, progress=False), expected["dpmpp_2m"]
-    )
+    first = old.sample(expected["X"], n_samples=3, steps=10, rng=0, progress=False)
+    np.testing.assert_allclose(first, expected["dpmpp_2m"], rtol=1e-4, atol=1e-4)
     anc = old.sample(expected["X"], n_samples=2, sampler="ancestral", rng=1, progress=False)
-    np.testing.assert_array_equal(anc, expected["ancestral"])
+    np.testing.assert_allclose(anc, expected["ancestral"], rtol=1e-4, atol=1e-4)
+    # a wrong sampler, seed or step count moves values by far more than the tolerance
+    assert np.abs(old.sample(expected["X"], n_samples=3, steps=10, rng=1, progress=False) - first).max() > 1e-2
     assert old.genes == [f"g{i}" for i in range(6)] and old.encoder == {"encoder": "color_stats"}
     assert old.steps_trained == 3 and old.module.network.depth == 1 and old.module.diffusion.parameterization == "v"
     again = StemstModel.load(old.save(tmp_path / "m"), device="cpu")
     assert json_of(tmp_path / "m")["format_version"] == 2
     assert again.config == old.config and again.history == old.history
-    np.testing.assert_array_equal(
-        again.sample(expected["X"], n_samples=3, steps=10, rng=0, progress=False), expected["dpmpp_2m"]
-    )
+    np.testing.assert_array_equal(again.sample(expected["X"], n_samples=3, steps=10, rng=0, progress=False), first)
     weights = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in weights.values()) and "y_mean" in weights
 
