@@ -14,6 +14,13 @@ from ._metrics import (
     summary_metrics,
     variance_ratio,
 )
+from ._scores import (
+    crps_per_gene,
+    crps_per_spot,
+    energy_score,
+    neighbour_pairs,
+    variogram_score,
+)
 
 __all__ = [
     "pearson_per_gene",
@@ -26,6 +33,11 @@ __all__ = [
     "interval_coverage",
     "gene_metrics",
     "summary_metrics",
+    "crps_per_spot",
+    "crps_per_gene",
+    "energy_score",
+    "variogram_score",
+    "neighbour_pairs",
     "PCC_KS",
     "COVERAGE_LEVELS",
 ]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from ._scores import crps_per_gene, energy_score, variogram_score
+
 #: the PCC-k summaries reported by default (the Stem paper's PCC-10 / 50 / 200)
 PCC_KS: tuple[int, ...] = (10, 50, 200)
 #: central sample-interval levels whose coverage is reported
@@ -167,13 +169,16 @@ def gene_metrics(
     *,
     samples: np.ndarray | None = None,
     levels: Sequence[float] = COVERAGE_LEVELS,
+    pairs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """All per-gene metrics.
 
     Returns
     -------
     Columns ``pearson``, ``spearman``, ``mse``, ``mae``, ``var_ratio``, ``mean_pred``, ``mean_true``, ``var_pred``,
-    ``var_true``, and ``coverage_50`` / ``coverage_90`` (one per level) when ``samples`` holds at least 2 samples.
+    ``var_true``; with ``samples``, ``crps`` (:func:`~stemst.metrics.crps_per_gene`), ``variogram`` (with ``pairs``,
+    :func:`~stemst.metrics.variogram_score`) and, with at least 2 samples, ``coverage_50`` / ``coverage_90`` (one per
+    level).
     """
     pred, true = _pair(pred, true)
     out = {
@@ -187,9 +192,13 @@ def gene_metrics(
         "var_pred": pred.var(0),
         "var_true": true.var(0),
     }
-    if samples is not None and np.shape(samples)[1] >= 2:
-        for level in levels:
-            out[f"coverage_{round(100 * level)}"] = interval_coverage(samples, true, level)
+    if samples is not None:
+        out["crps"] = crps_per_gene(samples, true)
+        if pairs is not None:
+            out["variogram"] = variogram_score(samples, true, pairs)
+        if np.shape(samples)[1] >= 2:
+            for level in levels:
+                out[f"coverage_{round(100 * level)}"] = interval_coverage(samples, true, level)
     return out
 
 
@@ -200,6 +209,7 @@ def summary_metrics(
     samples: np.ndarray | None = None,
     ks: Sequence[int] = PCC_KS,
     levels: Sequence[float] = COVERAGE_LEVELS,
+    pairs: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Summary metrics of a prediction.
 
@@ -208,18 +218,23 @@ def summary_metrics(
     pred, true
         ``(n_spots, n_genes)`` predicted and measured values on the same scale.
     samples
-        ``(n_spots, n_samples, n_genes)`` model samples for the calibration metrics (skipped if ``None`` or fewer
-        than 2 samples).
+        ``(n_spots, n_samples, n_genes)`` model samples for the proper scores (one sample, a deterministic
+        prediction, is scored as a point mass) and the calibration metrics (skipped with fewer than 2 samples).
     ks
         PCC-k values to report.
     levels
         Central interval levels for the coverage.
+    pairs
+        ``(n_pairs, 2)`` neighbouring spots for the variogram score (:func:`~stemst.metrics.neighbour_pairs`).
 
     Returns
     -------
     ``mean_pearson`` (mean over the whole panel), ``median_pearson``, ``mean_spearman``, ``pcc_<k>`` (see
-    :func:`pcc_at_k`), ``mse`` and ``mae`` (over all spots x genes), ``rvd``, ``mean_var_ratio``,
-    ``coverage_<level>`` (overall fraction) and ``rvd_samples`` (the RVD of single samples, mean of two), ``n_spots``, ``n_genes``, ``n_undefined`` (genes without a correlation).
+    :func:`pcc_at_k`), ``mse`` and ``mae`` (over all spots x genes), ``rvd``, ``mean_var_ratio``, ``n_spots``,
+    ``n_genes``, ``n_undefined`` (genes without a correlation); with ``samples``, ``crps`` (mean over spots and
+    genes), ``energy_score`` (mean over spots), ``variogram_score`` (with ``pairs``; mean over genes), and with at
+    least 2 samples ``coverage_<level>`` (overall fraction) and ``rvd_samples`` (the RVD of single samples, mean of
+    two).
 
     Examples
     --------
@@ -246,6 +261,11 @@ def summary_metrics(
         rvd=relative_variance_distance(pred, true),
         mean_var_ratio=float(np.nanmean(vr)) if np.isfinite(vr).any() else float("nan"),
     )
+    if samples is not None:
+        out["crps"] = float(crps_per_gene(samples, true).mean())
+        out["energy_score"] = float(energy_score(samples, true).mean())
+        if pairs is not None:
+            out["variogram_score"] = float(np.nanmean(variogram_score(samples, true, pairs)))
     if samples is not None and np.shape(samples)[1] >= 2:
         for level in levels:
             out[f"coverage_{round(100 * level)}"] = float(interval_coverage(samples, true, level).mean())

@@ -20,9 +20,17 @@ from stemst._docs import (
     doc_transform,
 )
 from stemst._logging import logger
-from stemst._schema import PREDICTION_KEY, SECTION_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
+from stemst._schema import (
+    PREDICTION_KEY,
+    SECTION_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    StemstDataError,
+    get_table,
+    section_mask,
+)
 from stemst._utils import RNGLike
-from stemst.metrics import COVERAGE_LEVELS, PCC_KS, gene_metrics, summary_metrics
+from stemst.metrics import COVERAGE_LEVELS, PCC_KS, crps_per_gene, gene_metrics, neighbour_pairs, summary_metrics
 from stemst.tl._base import Predictor
 from stemst.tl._data import get_counts, get_targets, library_size, resolve_genes
 
@@ -44,11 +52,13 @@ class Evaluation:
     ----------
     per_gene
         One row per gene: ``pearson``, ``spearman``, ``mse``, ``mae``, ``var_ratio``, ``mean_pred``, ``mean_true``,
-        ``var_pred``, ``var_true``, ``coverage_50`` / ``coverage_90`` (when the table has samples) on the model's
-        scale, and the same with the suffix ``_norm`` on library-normalised values (see
+        ``var_pred``, ``var_true`` and, when the table has samples, ``crps``, ``variogram`` (neighbouring spots, when
+        the table has spot centres), ``coverage_50`` / ``coverage_90`` on the model's scale and ``crps_counts`` on
+        the count scale, and the same with the suffix ``_norm`` on library-normalised values (see
         :func:`normalized_expression`; no coverage there).
     summary
-        Flat dict: the keys of :func:`stemst.metrics.summary_metrics` on the model's scale, the same with the suffix
+        Flat dict: the keys of :func:`stemst.metrics.summary_metrics` on the model's scale (with samples: the proper
+        scores ``crps``, ``energy_score`` and ``variogram_score``), ``crps_counts``, the same with the suffix
         ``_norm``, and ``method``, ``transform``, ``pred_key``.
     """
 
@@ -97,6 +107,14 @@ def _aligned_measurement(pred: ad.AnnData, measured: ad.AnnData, pred_key: str, 
             f"{missing[:5].tolist()}; evaluate against the table the embeddings came from."
         )
     return measured[pred.obs_names]
+
+
+def _spot_pairs(pred: ad.AnnData) -> np.ndarray | None:
+    """Ring-1 neighbouring spot pairs of a prediction table (``None`` without spot centres)."""
+    if SPATIAL_KEY not in pred.obsm:
+        return None
+    sections = pred.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in pred.obs else None
+    return neighbour_pairs(np.asarray(pred.obsm[SPATIAL_KEY])[:, :2], sections)
 
 
 @doc_params(
@@ -180,8 +198,18 @@ def evaluate(
     samples = (
         np.asarray(sub.obsm["samples"])[:, :, pred.var_names.get_indexer(panel)] if "samples" in sub.obsm else None
     )
-    per_gene = pd.DataFrame(gene_metrics(y_pred, y_true, samples=samples, levels=levels), index=pd.Index(panel))
-    summary: dict[str, Any] = summary_metrics(y_pred, y_true, samples=samples, ks=ks, levels=levels)
+    pairs = _spot_pairs(sub) if samples is not None else None
+    per_gene = pd.DataFrame(
+        gene_metrics(y_pred, y_true, samples=samples, levels=levels, pairs=pairs), index=pd.Index(panel)
+    )
+    summary: dict[str, Any] = summary_metrics(y_pred, y_true, samples=samples, ks=ks, levels=levels, pairs=pairs)
+    if samples is not None:  # the CRPS of the expected counts' scale: how far off the predicted counts are
+        from stemst.pp import inverse_transform
+
+        per_gene["crps_counts"] = crps_per_gene(
+            inverse_transform(samples, method=transform), get_counts(measured, panel, layer=layer)
+        )
+        summary["crps_counts"] = float(per_gene["crps_counts"].mean())
     if normalized:
         if "counts" not in sub.layers:
             raise StemstDataError(
