@@ -244,3 +244,51 @@ def test_augment_and_determinism(sdata):
     ridge_plain = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, alpha=1.0)
     assert ridge.params()["augment"] is True
     assert not np.allclose(ridge.predict_mean(X), ridge_plain.predict_mean(X))  # the views are used
+
+
+@pytest.fixture(scope="module")
+def noisy(sdata):
+    return stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, noise="gauss")
+
+
+def test_noisy_baseline_calibrates_on_the_held_out_section_fit_uses(sdata, noisy, fitted):
+    """The noise comes from the residuals on C5 (fit's held-out section) of a ridge fitted on C2-C4 alone."""
+    c5 = training_set(sdata, embedding_key="X_color", sections="C5")
+    assert isinstance(noisy, stemst.tl.NoisyBaseline) and noisy.method == "ridge+gauss" and noisy.held_out == "C5"
+    assert noisy.residuals.shape == (c5.n_spots, 40)
+    inner = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN[:3])
+    np.testing.assert_allclose(noisy.residuals, c5.Y - inner.predict_mean(c5.X), atol=1e-6)
+    # the mean is the ridge fitted on all four sections
+    X = training_set(sdata, embedding_key="X_color", sections="C6").X
+    np.testing.assert_allclose(noisy.predict_mean(X), fitted["ridge_cv"].predict_mean(X))
+
+
+@pytest.mark.parametrize("kind", ["gauss", "mvn", "resid"])
+def test_noisy_baselines_sample_their_noise_model_and_beat_the_point_prediction(sdata, noisy, fitted, kind):
+    model = noisy.with_noise(kind)
+    X = training_set(sdata, embedding_key="X_color", sections="C6").X
+    draws = model.sample(X, n_samples=40, rng=0)
+    noise = (draws - model.predict_mean(X)).reshape(-1, 40)
+    if kind == "resid":  # every noise vector is one of the held-out residual vectors
+        dist = np.abs(noise[:200, None] - noisy.residuals[None]).max(2).min(1)  # to the nearest residual vector
+        assert dist.max() < 1e-4
+    else:  # zero mean, the residuals' root mean square per gene
+        rms = np.sqrt((noisy.residuals**2).mean(0))
+        np.testing.assert_allclose(noise.std(0), rms, rtol=0.1)
+        assert np.abs(noise.mean(0)).max() < 0.1 * rms.max()
+    if kind != "gauss":  # gene-gene structure kept: the noise's correlations follow the residuals'
+        a, b = np.corrcoef(noise.T)[np.triu_indices(40, 1)], np.corrcoef(noisy.residuals.T)[np.triu_indices(40, 1)]
+        assert np.corrcoef(a, b)[0, 1] > 0.9
+    stemst.tl.predict(model, sdata, sections="C6", key_added="noisy", n_samples=20, progress=False, overwrite=True)
+    res = stemst.tl.evaluate(sdata, pred_key="noisy", key_added=None).summary
+    stemst.tl.predict(fitted["ridge_cv"], sdata, sections="C6", key_added="point", progress=False, overwrite=True)
+    point = stemst.tl.evaluate(sdata, pred_key="point", key_added=None).summary
+    assert res["crps"] < 0.9 * point["crps"]  # calibrated spread beats a point mass on the proper score
+    assert res["energy_score"] < point["energy_score"]
+    assert 0.75 < res["coverage_90"] < 0.97
+    assert np.isfinite(res["variogram_score"]) and res["crps_counts"] > 0
+
+
+def test_noisy_baseline_refuses_an_unknown_noise(sdata):
+    with pytest.raises(ValueError, match="Unknown noise 'laplace'"):
+        stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color", sections=TRAIN, noise="laplace")

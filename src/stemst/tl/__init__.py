@@ -5,6 +5,7 @@ from ._baselines import KNNBaseline, MLPBaseline, RidgeBaseline, fit_baseline
 from ._evaluate import Evaluation, compare, evaluate, library_size_yardstick, normalized_expression
 from ._fit import fit
 from ._model import StemstModel
+from ._noise import NoisyBaseline
 from ._predict import predict, predict_image
 from ._smooth import smooth
 
@@ -24,4 +25,5 @@ __all__ = [
     "RidgeBaseline",
     "KNNBaseline",
     "MLPBaseline",
+    "NoisyBaseline",
 ]

@@ -38,6 +38,8 @@ from stemst._utils import RNGLike, as_generator
 from stemst.metrics import pearson_per_gene
 from stemst.tl._base import Predictor
 from stemst.tl._data import as_tables, training_set
+from stemst.tl._noise import NOISE_KINDS, NoisyBaseline
+from stemst.tl._validation import holdout_groups
 
 #: PCA dimension of the HEST-Benchmark ridge probe
 HEST_PCA_DIM = 256
@@ -399,6 +401,8 @@ def fit_baseline(
     layer: str | None = None,
     rng: RNGLike = 0,
     progress: bool = True,
+    noise: str | None = None,
+    validation: str | None = "auto",
     **method_kwargs: Any,
 ) -> Predictor:
     """Fit a baseline on the same embeddings and targets as :func:`stemst.tl.fit`.
@@ -442,6 +446,14 @@ def fit_baseline(
         Used by the MLP (initialisation, batches and the random held-out spots).
     {progress}
         Used by the MLP (one step per epoch).
+    noise
+        Make it probabilistic (:class:`~stemst.tl.NoisyBaseline`): ``"gauss"`` (independent per-gene Gaussian),
+        ``"mvn"`` (multivariate Gaussian, Ledoit-Wolf) or ``"resid"`` (resampled residual vectors), fitted on the
+        residuals on the held-out training section of the same method fitted without it; the mean is the method
+        fitted on all training sections. ``None``: deterministic.
+    validation
+        With ``noise``, the held-out training section, chosen as :func:`stemst.tl.fit` chooses it (``"auto"``: the
+        last training section; spatial blocks of a single section), so both calibrate on the same spots.
     **method_kwargs
         Settings of the method, listed above.
 
@@ -449,7 +461,8 @@ def fit_baseline(
     -------
     A deterministic :class:`~stemst.tl.Predictor` (:class:`~stemst.tl.RidgeBaseline`,
     :class:`~stemst.tl.KNNBaseline` or :class:`~stemst.tl.MLPBaseline`) with the fitted pipeline in
-    ``.estimator``; run it with :func:`stemst.tl.predict` (table ``"<method>_prediction"`` by default).
+    ``.estimator``, or with ``noise`` a :class:`~stemst.tl.NoisyBaseline` around it; run it with
+    :func:`stemst.tl.predict` (table ``"<method>_prediction"`` by default).
 
     Examples
     --------
@@ -498,11 +511,33 @@ def fit_baseline(
             "train_sections": ",".join(map(str, np.unique(ts.sections))),
         },
     }
-    if method == "mlp":
-        method_kwargs.update(rng=rng, progress=progress, spots=spots)
-    try:
-        return _FITTERS[method](X, Y, groups, **method_kwargs, **base)
-    except TypeError as err:
-        if "unexpected keyword" in str(err):
-            raise TypeError(f"{err}; see stemst.tl.fit_baseline's docstring for the settings of {method!r}.") from None
-        raise
+
+    def fit_rows(rows: np.ndarray) -> Predictor:
+        kwargs = dict(method_kwargs)
+        if method == "mlp":
+            kwargs.update(rng=rng, progress=progress, spots=spots[rows])
+        try:
+            return _FITTERS[method](X[rows], Y[rows], groups[rows], **kwargs, **base)
+        except TypeError as err:
+            if "unexpected keyword" in str(err):
+                raise TypeError(
+                    f"{err}; see stemst.tl.fit_baseline's docstring for the settings of {method!r}."
+                ) from None
+            raise
+
+    if noise is not None and noise not in NOISE_KINDS:
+        raise ValueError(f"Unknown noise {noise!r}; choose one of {list(NOISE_KINDS)} or None.")
+    model = fit_rows(np.ones(len(X), dtype=bool))
+    if noise is None:
+        return model
+    spot_groups, held = holdout_groups(ts, validation)
+    if held is None:
+        raise StemstDataError(
+            f"noise={noise!r} needs a held-out training section (or enough spots for spatial blocks) to fit the "
+            f"noise on; got {ts.n_spots} spots in {np.unique(ts.sections).tolist()} with validation={validation!r}."
+        )
+    held_spots = spot_groups == held
+    inner = fit_rows(~held_spots[spots])
+    residuals = ts.Y[held_spots].astype(np.float64) - inner.predict_mean(ts.X[held_spots])
+    logger.info("Noise %r fitted on %d held-out spots of %s", noise, int(held_spots.sum()), held)
+    return NoisyBaseline(model, noise=noise, residuals=residuals, held_out=held)

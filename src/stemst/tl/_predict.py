@@ -125,7 +125,7 @@ def predict(
         raise TypeError(f"model must be a stemst model or baseline, got {type(model).__name__}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
-    key = key_added or (PREDICTION_KEY if model.method == "stemst" else f"{model.method}_prediction")
+    key = key_added or (PREDICTION_KEY if model.method == "stemst" else f"{model.method.replace('+', '_')}_prediction")
     if not isinstance(data, ad.AnnData):
         check_table_key_free(data, key, overwrite=overwrite, counts_key=table_key)
     src = get_table(data, table_key)
