@@ -8,6 +8,7 @@ from ._model import StemstModel
 from ._noise import NoisyBaseline
 from ._predict import predict, predict_image
 from ._smooth import smooth
+from ._structure import structure_metrics
 
 __all__ = [
     "Predictor",
@@ -18,6 +19,7 @@ __all__ = [
     "StemstModel",
     "evaluate",
     "compare",
+    "structure_metrics",
     "Evaluation",
     "library_size_yardstick",
     "normalized_expression",
