@@ -35,19 +35,33 @@ DOCS = HERE.parent / "docs" / "benchmarks_her2st.md"
 C_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 N_SAMPLES, SAMPLER, SAMPLER_STEPS = 20, "dpmpp_2m", 25
 METRICS = [
+    "crps",
+    "energy_score",
+    "variogram_score",
+    "crps_counts",
+    "coverage_50",
+    "coverage_90",
+    "domain_ari",
+    "moran_spearman",
+    "svg_overlap",
+    "gene_corr_distance",
+    "mean_pearson_norm",
     "mean_pearson",
     "pcc_50",
     "mse",
     "rvd",
     "rvd_samples",
-    "coverage_50",
     "coverage_80",
-    "coverage_90",
     "coverage_95",
     "neighbour_corr",
     "region_coverage_90",
-    "mean_pearson_norm",
 ]
+#: downstream-fidelity metrics (stemst.tl.structure_metrics) and whether higher is better; each method reports the
+#: better of its mean (expected counts) and its first sample, the same rule for every method
+STRUCTURE = {"domain_ari": True, "moran_spearman": True, "svg_overlap": True, "gene_corr_distance": False}
+#: probabilistic baselines: the mean of these deterministic baselines plus noise fitted on fit's held-out section
+NOISY = ("ridge_cv+ctx", "mlp+ctx")
+NOISE_KINDS = ("gauss", "mvn", "resid")
 #: baselines: name -> (method, settings, features: "own" = the spot's patch, "context" = own + ring-1 + ring-2)
 BASELINES = {
     "ridge_hest": ("ridge", {"alpha": "hest"}, "own"),
@@ -115,6 +129,18 @@ def spatial_calibration(sdata, pred_key: str) -> dict:
     }
 
 
+def structure(sdata, pred_key: str) -> dict:
+    """Downstream fidelity of the mean and of one sample; the better of the two under each metric's own name."""
+    out = {}
+    for which, sample in (("mean", None), ("sample", 0)):
+        res = stemst.tl.structure_metrics(sdata, pred_key=pred_key, sample=sample)
+        out.update({f"{k}_{which}": v for k, v in res.items()})
+    for k, higher in STRUCTURE.items():
+        pair = [out[f"{k}_mean"], out[f"{k}_sample"]]
+        out[k] = float(np.nanmax(pair) if higher else np.nanmin(pair))
+    return out
+
+
 def run_split(
     sdata, train: list[str], test: str, *, key: str, ctx: str, n_genes: int, fit_kwargs: dict, curve: bool
 ) -> dict:
@@ -156,6 +182,7 @@ def run_split(
         "peak_rss_mb": peak_rss_mb(),
     }
     for name, (method, kw, features) in BASELINES.items():
+        noise = {"noise": "gauss"} if name in NOISY else {}
         t0 = time.perf_counter()
         base = stemst.tl.fit_baseline(
             sdata,
@@ -165,18 +192,28 @@ def run_split(
             sections=train,
             progress=False,
             **kw,
+            **noise,
         )
         t_fit = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        preds[name] = stemst.tl.predict(
-            base, sdata, sections=test, key_added=f"{name.replace('+', '_')}_{test}", progress=False
-        )
-        timings[name] = {
-            "fit_s": t_fit,
-            "predict_s": time.perf_counter() - t0,
-            "nfe_per_spot": 1,
-            "peak_rss_mb": peak_rss_mb(),
-        }
+        variants = {name: base.mean_model if noise else base}
+        if noise:  # the same mean, three noise models fitted on the held-out section's residuals
+            variants.update({f"{name}+{k}": base.with_noise(k) for k in NOISE_KINDS})
+        for vname, model in variants.items():
+            t0 = time.perf_counter()
+            preds[vname] = stemst.tl.predict(
+                model,
+                sdata,
+                sections=test,
+                key_added=f"{vname.replace('+', '_')}_{test}",
+                progress=False,
+                n_samples=N_SAMPLES,
+            )
+            timings[vname] = {
+                "fit_s": t_fit,
+                "predict_s": time.perf_counter() - t0,
+                "nfe_per_spot": 1,
+                "peak_rss_mb": peak_rss_mb(),
+            }
     # post-hoc spatial smoothing of the best-featured ridge: the cheap competitor of spatial modelling
     preds["ridge_cv+ctx+smooth"] = stemst.tl.smooth(sdata, preds["ridge_cv+ctx"], key_added=f"smooth_{test}")
     timings["ridge_cv+ctx+smooth"] = dict(timings["ridge_cv+ctx"])
@@ -192,7 +229,12 @@ def run_split(
     table = stemst.tl.compare(sdata, list(preds.values()), names=list(preds), key_added=None)
     for name in preds:
         row = {m: _num(table.loc[name].get(m)) for m in table.columns if m not in ("method", "transform", "pred_key")}
-        rows[name] = {**row, **timings[name], **spatial_calibration(sdata, preds[name])}
+        rows[name] = {
+            **row,
+            **timings[name],
+            **spatial_calibration(sdata, preds[name]),
+            **structure(sdata, preds[name]),
+        }
     out = {
         "train": train,
         "test": test,
@@ -267,15 +309,41 @@ README_MARKERS = ("<!-- her2st-table -->", "<!-- /her2st-table -->")
 README_ROWS = {
     "stemst": "**stemst** (defaults; 20 samples x 25 DPM-Solver++ steps)",
     "stemst_joint": "stemst, joint neighbourhood model (`architecture='neighbourhood'`)",
-    "ridge_cv+ctx+smooth": "ridge, CV penalty, same features, + spatial smoothing",
-    "ridge_cv+ctx": "ridge, CV penalty, same features",
+    "mlp+ctx+gauss": "MLP + per-gene Gaussian noise",
+    "mlp+ctx+mvn": "MLP + multivariate Gaussian noise (Ledoit-Wolf)",
+    "mlp+ctx+resid": "MLP + resampled residual vectors",
+    "ridge_cv+ctx+gauss": "ridge + per-gene Gaussian noise",
+    "ridge_cv+ctx+mvn": "ridge + multivariate Gaussian noise (Ledoit-Wolf)",
+    "ridge_cv+ctx+resid": "ridge + resampled residual vectors",
+    "mlp+ctx": "MLP, same features (point prediction)",
+    "ridge_cv+ctx": "ridge, CV penalty, same features (point prediction)",
+    "ridge_cv+ctx+smooth": "ridge, same features, + spatial smoothing",
     "knn+ctx": "kNN (k = 50), same features",
-    "mlp+ctx": "MLP, same features",
     "ridge_cv": "ridge, CV penalty, own patch only",
     "knn": "kNN (k = 50), own patch only",
     "ridge_hest": "ridge, HEST-Benchmark penalty, own patch only",
     "library_size (yardstick)": "library-size yardstick (reads the test spot's depth; not a method)",
 }
+#: README columns: (header, metric, format); the first ones are where methods differ
+README_COLUMNS = (
+    ("CRPS", "crps", "{:.3f}"),
+    ("energy score", "energy_score", "{:.2f}"),
+    ("variogram score", "variogram_score", "{:.4f}"),
+    ("coverage 50% / 90%", ("coverage_50", "coverage_90"), "{:.2f}"),
+    ("domain ARI", "domain_ari", "{:.2f}"),
+    ("Moran's I ρ", "moran_spearman", "{:.2f}"),
+    ("gene-gene corr. distance", "gene_corr_distance", "{:.3f}"),
+    ("r, normalised", "mean_pearson_norm", "{:.3f}"),
+    ("mean Pearson", "mean_pearson", "{:.3f}"),
+)
+
+
+def _cell(row, metric, fmt: str) -> str:
+    metrics = metric if isinstance(metric, tuple) else (metric,)
+    values = [row.get(m, np.nan) for m in metrics]
+    if any(v is None or pd.isna(v) for v in values):
+        return "-"
+    return " / ".join(fmt.format(v) for v in values)
 
 
 def write_readme(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
@@ -288,30 +356,21 @@ def write_readme(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
         f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min on {result['machine']}, {result['date']}; "
         "tables in `docs/benchmarks_her2st.md`). HER2ST, 100-gene panel chosen on the training sections, "
         "the default embeddings (EfficientNet-Lite0 stage statistics, 8 views), log2(count + 1). Mean over "
-        "leave-one-section-out C2-C6, and the "
-        "cross-patient split C2-C6 -> A1:",
+        "leave-one-section-out C2-C6, and mean Pearson on the cross-patient split C2-C6 -> A1. CRPS, energy and "
+        "variogram scores (lower is better) are computed from 20 samples per spot for every method (one for a "
+        "point prediction); the noise of the probabilistic baselines is fitted on the same held-out training "
+        "section that stemst calibrates on. Structure columns: the better of the mean and one sample.",
         "",
-        "| method | mean Pearson | RVD | MSE | coverage 50% / 90% | samples: neighbour r / region 90% | A1 mean Pearson |",
-        "|---|---|---|---|---|---|---|",
+        "| method | " + " | ".join(h for h, _, _ in README_COLUMNS) + " | A1 mean Pearson |",
+        "|---" * (len(README_COLUMNS) + 2) + "|",
     ]
     for name, label in README_ROWS.items():
         if name not in mean.index:
             continue
         row = mean.loc[name]
-        cov = (
-            f"{row['coverage_50']:.2f} / {row['coverage_90']:.2f}"
-            if "coverage_50" in row and pd.notna(row["coverage_50"])
-            else "-"
-        )
+        cells = [_cell(row, metric, fmt) for _, metric, fmt in README_COLUMNS]
         r_a1 = f"{a1.loc[name, 'mean_pearson']:.3f}" if name in a1.index else "-"
-        spatial = (
-            f"{row['neighbour_corr']:.2f} / {row['region_coverage_90']:.2f}"
-            if pd.notna(row.get("neighbour_corr", np.nan))
-            else "-"
-        )
-        lines.append(
-            f"| {label} | {row['mean_pearson']:.3f} | {row['rvd']:.3f} | {row['mse']:.3f} | {cov} | {spatial} | {r_a1} |"
-        )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r_a1} |")
     README.write_text(text[:start] + "\n".join(lines) + "\n" + text[stop:])
 
 

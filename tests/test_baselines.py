@@ -268,7 +268,10 @@ def test_noisy_baselines_sample_their_noise_model_and_beat_the_point_prediction(
     model = noisy.with_noise(kind)
     X = training_set(sdata, embedding_key="X_color", sections="C6").X
     draws = model.sample(X, n_samples=40, rng=0)
-    noise = (draws - model.predict_mean(X)).reshape(-1, 40)
+    noise = model.noise_draws((40, len(X)), rng=0)  # the same draws, before the mean and the floor at 0
+    np.testing.assert_allclose(draws, np.maximum(model.predict_mean(X) + noise, 0), atol=1e-5)
+    assert draws.min() == 0.0
+    noise = noise.reshape(-1, 40)
     if kind == "resid":  # every noise vector is one of the held-out residual vectors
         dist = np.abs(noise[:200, None] - noisy.residuals[None]).max(2).min(1)  # to the nearest residual vector
         assert dist.max() < 1e-4

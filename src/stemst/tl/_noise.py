@@ -31,6 +31,8 @@ class NoisyBaseline(Predictor):
     - ``"resid"``: whole held-out residual vectors resampled with replacement (keeps their skew, zeros and
       gene-gene structure).
 
+    Samples are clipped at 0, the floor of the target transforms, as the diffusion model's are.
+
     Attributes
     ----------
     mean_model
@@ -91,20 +93,24 @@ class NoisyBaseline(Predictor):
         """``(n, n_genes)`` mean on the model scale (the noise has zero mean, except ``"resid"``'s residual bias)."""
         return self.mean_model.predict_mean(X)
 
+    def noise_draws(self, shape: tuple[int, int], rng: RNGLike = None) -> np.ndarray:
+        """Return ``(*shape, n_genes)`` draws of the noise model (before the mean is added and the floor applied)."""
+        gen = as_generator(rng)
+        if self.noise == "gauss":
+            return gen.standard_normal((*shape, self.n_genes)) * self._factor
+        if self.noise == "mvn":
+            return gen.standard_normal((*shape, self.n_genes)) @ self._factor.T
+        return self.residuals[gen.integers(len(self.residuals), size=shape)]
+
     def sample(
         self, X: np.ndarray, *, n_samples: int = 1, rng: RNGLike = None, progress: bool = True, **kwargs: Any
     ) -> np.ndarray:
-        """Return ``(n_samples, n, n_genes)`` float32: the mean plus independent noise draws."""
-        gen = as_generator(rng)
+        """Return ``(n_samples, n, n_genes)`` float32: the mean plus :meth:`noise_draws`, clipped at 0.
+
+        0 is the floor of both target transforms; the diffusion model's samples are clipped there too.
+        """
         mean = self.predict_mean(np.asarray(X, np.float32))
-        shape = (n_samples, *mean.shape)
-        if self.noise == "gauss":
-            noise = gen.standard_normal(shape) * self._factor
-        elif self.noise == "mvn":
-            noise = gen.standard_normal(shape) @ self._factor.T
-        else:
-            noise = self.residuals[gen.integers(len(self.residuals), size=shape[:2])]
-        return (mean + noise).astype(np.float32)
+        return np.maximum(mean + self.noise_draws((n_samples, len(mean)), rng), 0.0).astype(np.float32)
 
     def params(self) -> dict[str, Any]:
         """Return the mean model's settings, the noise model and the held-out section."""
