@@ -1,4 +1,4 @@
-"""The GPU path (marked ``gpu``; skipped without CUDA): embedding in bf16, the auto transformer, sampling."""
+"""The GPU path (marked ``gpu``; skipped without CUDA): embedding in bf16, the transformer, sampling."""
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ def test_auto_architecture_is_the_mlp_on_cpu(her2st_small, sdata_copy):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_embed_fit_auto_transformer_and_sample(her2st_small, sdata_copy):
+def test_gpu_embed_fit_transformer_and_sample(her2st_small, sdata_copy):
     sdata = sdata_copy(her2st_small)
     stemst.pp.embed_patches(sdata, augment=False, device="cuda", progress=False)
     table = her2st_small.tables["table"].copy()
@@ -34,7 +34,9 @@ def test_gpu_embed_fit_auto_transformer_and_sample(her2st_small, sdata_copy):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
     stemst.pp.spatial_context(sdata)
     stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=50)
-    m = stemst.tl.fit(sdata, sections="C2", steps=200, depth=2, width=128, heads=4, progress=False)
+    m = stemst.tl.fit(
+        sdata, sections="C2", steps=200, architecture="transformer", depth=2, width=128, heads=4, progress=False
+    )
     assert m.module.network.architecture == "transformer" and m.module.device.type == "cuda"
     key = stemst.tl.predict(m, sdata, sections="C6", n_samples=10, progress=False)
     res = stemst.tl.evaluate(sdata, pred_key=key, key_added=None).summary

@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.add_argument("--sections", nargs="+", default=None, help="training sections (default: all)")
     p.add_argument("--embedding-key", default=None, help="obsm key (default: the context features)")
-    p.add_argument("--architecture", default="auto", help="auto (transformer on CUDA, else mlp), mlp, transformer")
+    p.add_argument(
+        "--architecture", default="auto", help="auto (mlp, the measured default), mlp, transformer, neighbourhood"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes")
     p.add_argument("--validation", default="auto", help="held-out section, 'auto' (the last) or 'none'")
