@@ -192,8 +192,8 @@ def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
             "stemst.io.write_zarr or SpatialData.write.",
         )
     with reading(path, "SpatialData zarr store", hint="Write it again with stemst.io.write_zarr."):
+        check_chunks(path, TABLE_KEY)  # first: a CSR matrix with missing parts may not even load
         sdata = sd.read_zarr(path)
-    check_chunks(path, TABLE_KEY)
     if check:
         validate(sdata)
     return sdata
