@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import stemst
 from stemst import _atomic
 from stemst._cli import fit as cli_fit
 from stemst._cli import predict as cli_predict
+from stemst._cli import prepare as cli_prepare
 from stemst._errors import StemstDataError, StemstFileError, StemstWarning
 from stemst._schema import assemble, make_section
 from stemst.io._store import table_swap
@@ -45,7 +47,7 @@ def tiny_sdata(seed: int = 0, sections: tuple[str, ...] = ("S1",)):
             genes=GENES,
             spot_ids=[f"{s}_{i}" for i in range(10)],
             coords=rng.uniform(8, 56, (10, 2)),
-            microns_per_pixel=1.0,
+            microns_per_pixel=2.0,  # 128 µm across: room for the default 112 µm patches
             spot_diameter_um=10.0,
         )
         for s in sections
@@ -86,6 +88,23 @@ def prediction(store: Path) -> np.ndarray:
     return stemst.io.read_zarr(store).tables[PRED].layers["std"]
 
 
+def embeddings(store: Path) -> dict[str, np.ndarray]:
+    """What ``stemst prepare`` adds to the counts table."""
+    return dict(stemst.io.read_zarr(store).tables["table"].obsm)
+
+
+def assert_same(a, b) -> None:
+    """``a`` and ``b`` are the same array, or the same dict of arrays (tensors included)."""
+    a, b = (x if isinstance(x, dict) else {"": x} for x in (a, b))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def prepare(store: Path) -> None:
+    cli_prepare(store, train_sections=["S1"], encoder="color_stats", augment=False, n_genes=3, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # killed in the middle of each overwrite: the old result is there, whole; the next call removes the half-written one
 
@@ -96,7 +115,7 @@ import dask, torch, zarr
 import stemst
 from stemst._cli import predict
 sys.path.insert(0, {tests!r})
-from test_atomic import MODEL_V1, new_model, tiny_sdata
+from test_atomic import MODEL_V1, new_model, prepare, tiny_sdata
 
 FLAGS = Path({flags!r})
 dask.config.set(scheduler="synchronous")  # every zarr array is created in the thread that writes it
@@ -125,6 +144,7 @@ writes = {{
     "prediction": lambda: predict(
         Path({prediction!r}), MODEL_V1, n_samples=2, seed=1, overwrite=True, device="cpu", progress=False
     ),
+    "prepare": lambda: prepare(Path({prepare!r})),
 }}
 
 def run(kind):
@@ -168,26 +188,25 @@ def kill_mid_write(tmp_path: Path, **targets: Path) -> None:
 
 
 def test_killed_in_the_middle_of_each_overwrite_leaves_the_old_results_whole(tmp_path, prepared):
-    store, model = tmp_path / "other.zarr", tmp_path / "model"
+    store, model, table = tmp_path / "other.zarr", tmp_path / "model", tmp_path / "to_prepare.zarr"
     stemst.io.write_zarr(tiny_sdata(seed=2), store)
     StemstModel.load(MODEL_V1, device="cpu").save(model)
-    old = {"store": counts(store), "model": weights(model), "prediction": prediction(prepared)}
-    kill_mid_write(tmp_path, store=store, model=model, prediction=prepared)
+    shutil.copytree(prepared, table)
+    reads = {"store": (counts, store), "model": (weights, model), "prediction": (prediction, prepared)}
+    reads["prepare"] = (embeddings, table)
+    old = {kind: read(target) for kind, (read, target) in reads.items()}
+    kill_mid_write(tmp_path, store=store, model=model, prediction=prepared, prepare=table)
     half = {"store": _atomic.Swap.of(store).new, "model": _atomic.Swap.of(model).new}
-    half["prediction"] = table_swap(prepared, PRED).new
-    assert all(p.exists() for p in half.values())  # killed with each new result half written, beside the old one
-    # the next call finds the leftover, names it, deletes it and reads the old result, whole
-    for kind, read, target in (
-        ("store", counts, store),
-        ("model", weights, model),
-        ("prediction", prediction, prepared),
-    ):
-        with pytest.warns(StemstWarning, match=f"interrupted write.*{re.escape(half[kind].name)}.*kept"):
-            again = read(target)
-        if kind == "model":
-            assert again.keys() == old[kind].keys() and all(torch.equal(again[k], old[kind][k]) for k in again)
-        else:
-            np.testing.assert_array_equal(again, old[kind])
+    half |= {"prediction": table_swap(prepared, PRED).new, "prepare": table_swap(table, "table").new}
+    # the next call reads the old result, whole; it finds the half-written new one, names it and deletes it
+    for kind, (read, target) in reads.items():
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            assert_same(read(target), old[kind])
+        leftover = [
+            str(w.message) for w in said if w.category is StemstWarning and "interrupted write" in str(w.message)
+        ]
+        assert len(leftover) == 1 and str(half[kind]) in leftover[0] and f"kept {target}" in leftover[0]
         assert not half[kind].exists()
 
 
@@ -219,7 +238,7 @@ def crash_at(monkeypatch, step: str, swap: _atomic.Swap) -> None:
 
 
 @pytest.mark.parametrize("step", ["aside", "placed"])
-@pytest.mark.parametrize("kind", ["store", "model", "prediction"])
+@pytest.mark.parametrize("kind", ["store", "model", "prediction", "prepare"])
 def test_crash_during_the_swap_is_recovered_by_the_next_call(kind, step, tmp_path, prepared, monkeypatch):
     if kind == "store":
         swap, read = _atomic.Swap.of(prepared), counts
@@ -235,7 +254,7 @@ def test_crash_during_the_swap_is_recovered_by_the_next_call(kind, step, tmp_pat
 
         def write():
             model.save(target, overwrite=True)
-    else:
+    elif kind == "prediction":
         swap, read = table_swap(prepared, PRED), prediction
         ref = tmp_path / "ref.zarr"
         shutil.copytree(prepared, ref)
@@ -244,6 +263,15 @@ def test_crash_during_the_swap_is_recovered_by_the_next_call(kind, step, tmp_pat
 
         def write():
             cli_predict(prepared, MODEL_V1, n_samples=2, seed=1, overwrite=True, device="cpu", progress=False)
+    else:
+        swap, read = table_swap(prepared, "table"), embeddings
+        ref = tmp_path / "ref.zarr"
+        shutil.copytree(prepared, ref)
+        prepare(ref)
+        new = embeddings(ref)
+
+        def write():
+            prepare(prepared)
 
     crash_at(monkeypatch, step, swap)
     with pytest.raises(Crash):
@@ -251,11 +279,8 @@ def test_crash_during_the_swap_is_recovered_by_the_next_call(kind, step, tmp_pat
     monkeypatch.undo()
     assert swap.old.exists() and swap.final.exists() == (step == "placed")  # "aside": nothing at the final path
     with pytest.warns(StemstWarning, match=f"interrupted write of {swap.final}"):
-        again = read(swap.final.parents[1] if kind == "prediction" else swap.final)
-    if kind == "model":
-        assert all(torch.equal(again[k], new[k]) for k in new)
-    else:
-        np.testing.assert_array_equal(again, new)
+        again = read(swap.final.parents[1] if swap.inner else swap.final)
+    assert_same(again, new)
     assert not swap.leftovers()
 
 
@@ -285,7 +310,7 @@ def test_embedding_cache_that_is_a_file_is_refused_before_embedding(tmp_path, mo
     monkeypatch.setattr("stemst.pp._embed._Embedder.__call__", lambda *a, **k: pytest.fail("the encoder ran"))
     for cache in (tmp_path / "cache", tmp_path / "cache" / "sub"):
         with pytest.raises(StemstDataError, match=re.escape(f"cache='{tmp_path / 'cache'}") + ".*(is a file|under it)"):
-            stemst.pp.embed_patches(sdata, encoder="color_stats", patch_size_um=16, cache=cache, progress=False)
+            stemst.pp.embed_patches(sdata, encoder="color_stats", cache=cache, progress=False)
     assert list(sdata.tables["table"].obsm) == ["spatial", "X_test"]
 
 
@@ -348,7 +373,7 @@ def test_embed_patches_replaces_only_its_own_obsm_keys():
     sdata = tiny_sdata()
     table = sdata.tables["table"]
     centres, user = table.obsm["spatial"].copy(), table.obsm["X_test"].copy()
-    kw = {"encoder": "color_stats", "patch_size_um": 16, "cache": False, "progress": False}
+    kw = {"encoder": "color_stats", "cache": False, "progress": False}
     for key, match in (("spatial", "the spot centres"), ("X_test", "did not write")):
         with pytest.raises(StemstDataError, match=f"key_added='{key}'.*{match}"):
             stemst.pp.embed_patches(sdata, key_added=key, **kw)
