@@ -226,6 +226,7 @@ def write_zarr(sdata: Any, path: str | os.PathLike, *, overwrite: bool = False) 
 
     path = Path(path)
     validate(sdata)
+    recover_store(path)  # so that no leftover of its tables is restored into the new store later
     if path.exists() and overwrite:
         if not any((path / f).is_file() for f in ZARR_GROUP_FILES):
             raise StemstFileError(path, "exists and is not a zarr store; stemst replaces only zarr stores.")
