@@ -316,11 +316,14 @@ def test_embedding_cache_that_is_a_file_is_refused_before_embedding(tmp_path, mo
 
 def test_model_destinations_checked_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    under_file, unwritable = tmp_path / "file" / "model", Path("/proc/stemst-test/model")
+    locked = Path("/proc")  # not even root can make a folder there; elsewhere, a read-only folder
+    if not locked.is_dir():
+        (locked := tmp_path / "read-only").mkdir(mode=0o500)
+    under_file, unwritable = tmp_path / "file" / "model", locked / "stemst-test" / "model"
     store = tmp_path / "never-read.zarr"  # checked first: the store is not even opened
     for out, match in (
         (under_file, ".* is a file, so no folder can be created"),
-        (unwritable, "cannot write in /proc"),
+        (unwritable, re.escape(f"cannot write in {locked}")),
     ):
         with pytest.raises(StemstDataError, match=re.escape(f"--out='{out}': ") + match):
             cli_fit(store, out, fit_kwargs={})
