@@ -284,6 +284,18 @@ def test_crash_during_the_swap_is_recovered_by_the_next_call(kind, step, tmp_pat
     assert not swap.leftovers()
 
 
+def test_leftover_of_an_interrupted_first_write_is_named_and_removed(tmp_path):
+    half = _atomic.Swap.of(tmp_path / "s.zarr").new
+    half.mkdir()
+    (half / "zarr.json").write_text("{")
+    with (
+        pytest.warns(StemstWarning, match=re.escape(f"{half}. Recovered: nothing was at {tmp_path / 's.zarr'}")),
+        pytest.raises(FileNotFoundError, match=r"s\.zarr does not exist"),
+    ):
+        stemst.io.read_zarr(tmp_path / "s.zarr")
+    assert not half.exists()
+
+
 def test_overwrite_refusals_leave_the_store(tmp_path, prepared):
     before = counts(prepared)
     with pytest.raises(FileExistsError, match="overwrite=True"):

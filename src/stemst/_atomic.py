@@ -108,7 +108,10 @@ def recover(swap: Swap, *, after: Callable[[], None] | None = None) -> None:
         shutil.rmtree(path, ignore_errors=True)
     if after is not None:
         after()
-    what = f"restored {swap.final} from {restored}" if restored else f"kept {swap.final}"
+    if restored:
+        what = f"restored {swap.final} from {restored}"
+    else:
+        what = f"kept {swap.final}" if swap.final.exists() else f"nothing was at {swap.final} before"
     warn(
         f"Found the leftovers of an interrupted write of {swap.final}: {', '.join(str(p) for p in found)}. "
         f"Recovered: {what}, and deleted the leftovers. Check that {swap.final} holds the result you expect.",
