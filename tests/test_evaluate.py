@@ -62,7 +62,7 @@ def test_yardstick_table_and_fit(sdata):
     res = stemst.tl.evaluate(sdata, pred_key="library_size_prediction", key_added=None)
     assert res.summary["mean_pearson"] > 0.4  # spot depth alone explains much of the raw per-gene correlation
     with pytest.raises(StemstDataError, match="No test sections"):
-        stemst.tl.library_size_yardstick(sdata, train_sections=["C2", "C6"], genes=sdata.genes)
+        stemst.tl.library_size_yardstick(sdata, train_sections=["C2", "C6"], genes=sdata.genes, overwrite=True)
 
 
 def test_evaluate_known_quality(sdata):

@@ -83,23 +83,6 @@ def demo(out: Path, *, n_genes: int = 100, steps: int | None = None, quick: bool
     return {"elapsed_s": elapsed, "out": str(out)}
 
 
-def _replace_table(sdata, store: Path, key: str = "table") -> None:
-    """Replace the table in the store ``sdata`` is backed by; a copy is kept beside it until the new one is written."""
-    import shutil
-    import warnings
-
-    import spatialdata as sd
-
-    backup = store.parent / f".{store.name}.{key}.zarr"
-    shutil.rmtree(backup, ignore_errors=True)
-    with warnings.catch_warnings():  # the copy holds the table without the shapes it annotates: expected
-        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
-        sd.SpatialData(tables={key: sdata.tables[key]}).write(backup)  # if the swap below fails, the table is here
-    sdata.delete_element_from_disk(key)
-    sdata.write_element(key)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def prepare(
     store: Path,
     *,
@@ -117,8 +100,9 @@ def prepare(
     panel and writes the table back, so the result is the same as one process's.
     """
     import stemst
-    from stemst._schema import embedding_key, get_table
+    from stemst._schema import TABLE_KEY, embedding_key, get_table
     from stemst._schema import sections as list_sections
+    from stemst.io._store import write_table
     from stemst.model import distributed
 
     distributed.init()
@@ -139,7 +123,7 @@ def prepare(
         stemst.pp.embed_patches(sdata, progress=progress and world == 1, verify_cache=world == 1, **kwargs)
         key = stemst.pp.spatial_context(sdata, embedding_key=embedding_key(encoder), use_views=augment)
         stemst.pp.select_genes(sdata, train_sections=train_sections, n_genes=n_genes)
-        _replace_table(sdata, store)
+        write_table(sdata, TABLE_KEY)  # the old table stays whole until the new one is
         result["context_key"] = key
         _say(f"Wrote the embeddings ({key}) and the {n_genes}-gene panel to {store}")
     distributed.barrier()
@@ -147,13 +131,19 @@ def prepare(
 
 
 def fit(store: Path, out: Path, *, fit_kwargs: dict, overwrite: bool = False) -> dict:
-    """Train on a prepared store (``stemst prepare``) and save the model to ``out`` (rank 0 writes)."""
+    """Train on a prepared store (``stemst prepare``) and save the model to ``out`` (rank 0 writes).
+
+    ``out`` is checked before training: an existing model without ``overwrite``, a file, or a folder that cannot be
+    written is refused at once instead of after the training.
+    """
     import stemst
+    from stemst._atomic import check_destination
     from stemst.model import distributed
 
     distributed.init()
     if out.exists() and not overwrite:
         raise SystemExit(f"stemst fit: {out} exists; pass --overwrite to replace it.")
+    check_destination(out, what="the model", argument="--out")
     sdata = stemst.io.read_zarr(store)
     t0 = time.perf_counter()
     model = stemst.tl.fit(sdata, **fit_kwargs)
@@ -210,6 +200,7 @@ def predict(
     from stemst._schema import PREDICTION_KEY, SECTION_KEY, UNS_KEY, check_table_key_free, get_table
     from stemst._schema import sections as list_sections
     from stemst._torch import resolve_device
+    from stemst.io._store import write_table
     from stemst.model import distributed
     from stemst.tl._predict import as_spatialdata_table
 
@@ -261,10 +252,8 @@ def predict(
         }
         if "sections" in table.uns.get(UNS_KEY, {}):
             merged.uns[UNS_KEY] = {"sections": table.uns[UNS_KEY]["sections"]}
-        if key in sdata.tables:
-            sdata.delete_element_from_disk(key)
         sdata.tables[key] = as_spatialdata_table(merged)
-        sdata.write_element(key)
+        write_table(sdata, key)  # an earlier prediction stays whole until the new one is
         shutil.rmtree(parts, ignore_errors=True)
         _say(
             f"Wrote {merged.n_obs} spots x {merged.n_vars} genes ({n_samples} samples each) to {store} as table {key!r}"

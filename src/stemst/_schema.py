@@ -34,6 +34,14 @@ SPATIAL_KEY = "spatial"
 UNS_KEY = "stemst"
 PANEL_KEY = "stemst_panel"
 PREDICTION_KEY = "stemst_prediction"
+N_SECTIONS_KEY = "n_sections"
+#: what the data model keeps in the counts table, by attribute: no function's ``key_added`` may replace these
+RESERVED_KEYS: dict[str, dict[str, str]] = {
+    "obs": {SECTION_KEY: "the spots' sections", REGION_KEY: "the spots' circles", INSTANCE_KEY: "the spot ids"},
+    "obsm": {SPATIAL_KEY: "the spot centres"},
+    "var": {N_SECTIONS_KEY: "in how many sections each gene was measured"},
+    "uns": {UNS_KEY: "the sections' metadata", "spatialdata_attrs": "what the table annotates"},
+}
 #: images whose longest side exceeds this are stored as a pyramid (factor 2 per level)
 MULTISCALE_THRESHOLD = 4096
 IMAGE_CHUNKS = 1024
@@ -458,6 +466,48 @@ def check_table_key_free(sdata: Any, key: str, *, overwrite: bool = False, count
         raise StemstDataError(
             f"A table {key!r} already exists; pass overwrite=True to replace it, or choose another key_added. "
             f"Tables present: {list(sdata.tables.keys())}."
+        )
+
+
+def check_key_free(
+    adata: ad.AnnData, where: str, key: str, *, owned: Iterable[str] = (), argument: str = "key_added"
+) -> None:
+    """Refuse to write ``adata.<where>[key]`` when that would replace data the writing function does not own.
+
+    Call it before computing anything, so that a refusal leaves ``adata`` as it was.
+
+    Parameters
+    ----------
+    adata
+        The table about to be written to.
+    where
+        ``"obs"``, ``"obsm"``, ``"var"`` or ``"uns"``.
+    key
+        The key (or column) to be written.
+    owned
+        Keys the function wrote itself earlier and may replace.
+    argument
+        The argument that named ``key``, for the message.
+
+    Raises
+    ------
+    StemstDataError
+        If ``key`` is reserved by the data model (:data:`RESERVED_KEYS`), or exists and is not in ``owned``.
+
+    Examples
+    --------
+    >>> check_key_free(ad.AnnData(np.zeros((2, 1))), "obsm", "X_uni")
+    """
+    reserved = RESERVED_KEYS.get(where, {})
+    if key in reserved:
+        raise StemstDataError(
+            f"{argument}={key!r} would replace {where}[{key!r}], {reserved[key]} in the stemst data model; "
+            "choose another name."
+        )
+    if key in getattr(adata, where) and key not in set(owned):
+        raise StemstDataError(
+            f"{argument}={key!r}: {where}[{key!r}] already holds data this function did not write, and would be "
+            f"lost. Choose another {argument}, or delete it first (del table.{where}[{key!r}]) if it may go."
         )
 
 

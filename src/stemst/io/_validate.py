@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from stemst._atomic import Swap, replacing
 from stemst._errors import StemstFileError
 from stemst._schema import (
     INSTANCE_KEY,
@@ -25,6 +26,7 @@ from stemst._schema import (
     spots_key,
 )
 from stemst._utils import reading
+from stemst.io._store import check_chunks, recover_store
 
 #: files marking the root of a zarr store (v3, v2)
 ZARR_GROUP_FILES = ("zarr.json", ".zgroup")
@@ -157,6 +159,10 @@ def validate(sdata: Any, *, table_key: str = TABLE_KEY) -> None:
 def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
     """Read a SpatialData zarr store written by :func:`write_zarr` (or ``sdata.write``) and validate it.
 
+    The leftovers of a write of the store or of one of its tables that was interrupted (``.NAME.stemst-*`` folders
+    beside it) are resolved first, with a warning naming them: a missing store or table is restored from the whole
+    copy left there. A counts table whose chunk files are missing on disk is refused (zarr would read zeros).
+
     Parameters
     ----------
     path
@@ -176,6 +182,7 @@ def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
     import spatialdata as sd
 
     path = Path(path)
+    recover_store(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected a SpatialData .zarr folder.")
     if not path.is_dir() or not any((path / f).is_file() for f in ZARR_GROUP_FILES):
@@ -185,6 +192,7 @@ def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
             "stemst.io.write_zarr or SpatialData.write.",
         )
     with reading(path, "SpatialData zarr store", hint="Write it again with stemst.io.write_zarr."):
+        check_chunks(path, TABLE_KEY)  # first: a CSR matrix with missing parts may not even load
         sdata = sd.read_zarr(path)
     if check:
         validate(sdata)
@@ -194,6 +202,10 @@ def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
 def write_zarr(sdata: Any, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Validate ``sdata`` and write it as a SpatialData zarr store; nothing is written if it is invalid.
 
+    An existing store is replaced only once the new one is complete (write-new-then-swap: the new store is written
+    to ``.NAME.stemst-new`` beside it, then renamed into place), so a run killed at any moment leaves the old store
+    or the new one, whole; the next call (or :func:`read_zarr`) resolves the leftovers, warning naming them.
+
     Parameters
     ----------
     sdata
@@ -201,7 +213,8 @@ def write_zarr(sdata: Any, path: str | os.PathLike, *, overwrite: bool = False) 
     path
         Target ``.zarr`` folder.
     overwrite
-        Replace an existing store.
+        Replace an existing store. A folder that is not a zarr store, or the store ``sdata`` reads its images from,
+        is never replaced.
 
     Examples
     --------
@@ -209,8 +222,19 @@ def write_zarr(sdata: Any, path: str | os.PathLike, *, overwrite: bool = False) 
     >>> stemst.io.write_zarr(stemst.datasets.her2st(["C2"]), "her2st_c2.zarr")  # doctest: +SKIP
     """
     import anndata as ad
+    from spatialdata import get_dask_backing_files
 
+    path = Path(path)
     validate(sdata)
+    recover_store(path)  # so that no leftover of its tables is restored into the new store later
+    if path.exists() and overwrite:
+        if not any((path / f).is_file() for f in ZARR_GROUP_FILES):
+            raise StemstFileError(path, "exists and is not a zarr store; stemst replaces only zarr stores.")
+        if any(Path(f).resolve().is_relative_to(path.resolve()) for f in get_dask_backing_files(sdata)):
+            raise StemstDataError(
+                f"Cannot overwrite {path}: this SpatialData reads its images from it. Write it to another path."
+            )
     # an explicit choice (no sharding: the layout every zarr reader knows) instead of a warning per array written
-    with ad.settings.override(auto_shard_zarr_v3=False):
-        sdata.write(Path(path), overwrite=overwrite)
+    with replacing(Swap.of(path), overwrite=overwrite) as new, ad.settings.override(auto_shard_zarr_v3=False):
+        sdata.write(new, update_sdata_path=False)
+    sdata.path = path

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stemst._atomic import check_destination
 from stemst._logging import logger
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import reading
@@ -248,6 +249,8 @@ def train(
 
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir.")
+    if checkpoint_dir is not None:
+        check_destination(checkpoint_dir, what="the training checkpoint", argument="checkpoint_dir")
     if len(y) == 0 or len(cond) % len(y):
         raise ValueError(f"cond must have a whole number of rows per target: got {len(cond)} and {len(y)}.")
     config = config.resolved(len(cond))

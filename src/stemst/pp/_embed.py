@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stemst._atomic import check_destination
 from stemst._errors import warn
 from stemst._logging import logger
 from stemst._schema import (
@@ -32,6 +33,7 @@ from stemst._schema import (
     UNS_KEY,
     StemstDataError,
     check_embedding,
+    check_key_free,
     embedding_key,
     get_image,
     get_table,
@@ -402,7 +404,8 @@ def _write_cache(path: Path, key: str, pixels: str, feats: np.ndarray, clipped: 
             np.savez(f, key=np.array(key), pixels=np.array(pixels), features=feats, clipped=clipped)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # under a file, even the temporary file's path is invalid
+            tmp.unlink(missing_ok=True)
         warn(f"Could not write the embedding cache file {path} ({e}); the embeddings are not cached.", stacklevel=4)
 
 
@@ -501,11 +504,14 @@ def embed_patches(
     progress
         Show a progress bar.
     key_added
-        Embedding key; default ``"X_<encoder>"`` (``"X_<a>+<b>"`` for a list).
+        Embedding key; default ``"X_<encoder>"`` (``"X_<a>+<b>"`` for a list). Neither it nor ``key_added + "_views"``
+        may name an ``obsm`` entry this function did not write (the spot centres, context features, a user's
+        array): that is refused before any work.
     cache
         ``True``: use the default cache folder, ``$STEMST_CACHE_DIR/embeddings`` if that variable is set, else
-        ``embeddings/`` in the user's cache (``pooch.os_cache("stemst")``, e.g. ``~/.cache/stemst`` on Linux). A path:
-        use that folder. ``False``: neither read nor write a cache.
+        ``embeddings/`` in the user's cache (``pooch.os_cache("stemst")``, e.g. ``~/.cache/stemst`` on Linux); if it
+        cannot be written, the embeddings are not cached (a warning). A path: use that folder, checked to be
+        writable before any work. ``False``: neither read nor write a cache.
     verify_cache
         Read a section's patches again and compare their digest with the cached file's before using it (default).
         ``False`` trusts the other settings (image shape, spot centres, encoder, patch size, views) and reads no
@@ -541,6 +547,11 @@ def embed_patches(
     encoders = resolve_encoders(encoder)
     name = "+".join(e.name for e in encoders)
     key = key_added or embedding_key(name)
+    for k in (key, f"{key}_views"):  # before any work: a refusal leaves the table as it was
+        check_key_free(adata, "obsm", k, owned=_owned_keys(adata))
+    folder = _cache_folder(cache)
+    if folder is not None and cache is not True:  # the default cache only warns if it cannot be written
+        check_destination(folder, what="the embedding cache", argument="cache")
     if SPATIAL_KEY not in adata.obsm:
         raise StemstDataError(
             f"The table has no obsm[{SPATIAL_KEY!r}] spot coordinates; load data with stemst.datasets or stemst.io."
@@ -567,7 +578,6 @@ def embed_patches(
     n_views = N_VIEWS if augment else 1
     spots_per_read = max(MIN_READ_SPOTS, int(batch_size) // n_views)  # the encoder takes them batch_size at a time
     n_total = int(np.isin(section_of, chosen).sum())
-    folder = _cache_folder(cache)
     logger.info("Embedding %d spots with %s on %s (%d view(s) each).", n_total, name, dev, n_views)
     start = time.perf_counter()
 
@@ -670,6 +680,13 @@ def embed_patches(
         feats.shape[-1],
         settings["n_clipped"],
     )
+
+
+def _owned_keys(adata: Any) -> set[str]:
+    """``obsm`` keys of the embeddings :func:`embed_patches` wrote (not the context features recorded beside them)."""
+    record = adata.uns.get(UNS_KEY, {}).get("embeddings", {})
+    mine = {k: v for k, v in record.items() if isinstance(v, dict) and "context" not in v}
+    return set(mine) | {str(v["views_key"]) for v in mine.values() if v.get("views_key")}
 
 
 def _store(adata: Any, key: str, feats: np.ndarray, done: np.ndarray, *, augment: bool) -> None:

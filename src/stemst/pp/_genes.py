@@ -12,7 +12,17 @@ import scipy.sparse as sp
 
 from stemst._docs import doc_params, doc_table_key
 from stemst._logging import logger
-from stemst._schema import PANEL_KEY, SECTION_KEY, TABLE_KEY, UNS_KEY, StemstDataError, get_table, section_mask
+from stemst._schema import (
+    N_SECTIONS_KEY,
+    PANEL_KEY,
+    SECTION_KEY,
+    TABLE_KEY,
+    UNS_KEY,
+    StemstDataError,
+    check_key_free,
+    get_table,
+    section_mask,
+)
 from stemst._schema import sections as _sections
 
 DEFAULT_EXCLUDE = ("MT-", "RPS", "RPL")
@@ -106,6 +116,11 @@ def hmhvg_intersection(mean: np.ndarray, std: np.ndarray, n_genes: int) -> tuple
     return chosen[np.argsort(rank_mean[chosen])], n
 
 
+def _is_panel_record(entry: Any) -> bool:
+    """Whether ``uns[key_added]`` is what :func:`select_genes` stores there."""
+    return isinstance(entry, dict) and {"genes", "train_sections", "method"} <= set(entry)
+
+
 def _resolve_train(adata: ad.AnnData, train_sections: str | Sequence[str]) -> list[str]:
     known = _sections(adata)
     if isinstance(train_sections, str) and train_sections == "all":
@@ -131,10 +146,10 @@ def _unmeasured(adata: ad.AnnData, genes: Sequence[str], train: list[str]) -> di
     table fills unmeasured genes with zeros).
     """
     n_all = len(_sections(adata))
-    if "n_sections" not in adata.var or not genes:
+    if N_SECTIONS_KEY not in adata.var or not genes:
         return {}
     cols = adata.var_names.get_indexer(genes)
-    partial = adata.var["n_sections"].to_numpy()[cols] < n_all
+    partial = adata.var[N_SECTIONS_KEY].to_numpy()[cols] < n_all
     if not partial.any():
         return {}
     out: dict[str, list[str]] = {}
@@ -194,7 +209,9 @@ def select_genes(
         Case-insensitive gene-name prefixes never put in the panel (mitochondrial and ribosomal genes).
     {table_key}
     key_added
-        ``var`` column flagging the panel and ``uns`` key of the parameters.
+        ``var`` column flagging the panel and ``uns`` key of the parameters. An existing column or ``uns`` entry
+        of that name is replaced only if it is an earlier panel (or the default ``"stemst_panel"``); a data model
+        column (``n_sections``) or another column is refused before any work.
     inplace
         Write to the table; otherwise return the gene list.
 
@@ -220,6 +237,10 @@ def select_genes(
     adata = get_table(data, table_key)
     if SECTION_KEY not in adata.obs:
         raise StemstDataError(f"The table has no obs[{SECTION_KEY!r}]; load data with stemst.datasets or stemst.io.")
+    if inplace:  # before any work: a refusal leaves the table as it was
+        owned = [key_added] if key_added == PANEL_KEY or _is_panel_record(adata.uns.get(key_added)) else []
+        check_key_free(adata, "var", key_added, owned=owned)
+        check_key_free(adata, "uns", key_added, owned=owned)
     train = _resolve_train(adata, train_sections)
     mask = section_mask(adata, train)
     var_names = pd.Index(adata.var_names.astype(str))

@@ -13,6 +13,7 @@ import pandas as pd
 from stemst._docs import (
     doc_genes_subset,
     doc_layer,
+    doc_overwrite,
     doc_params,
     doc_pred_key,
     doc_sections,
@@ -26,6 +27,7 @@ from stemst._schema import (
     SPATIAL_KEY,
     TABLE_KEY,
     StemstDataError,
+    check_table_key_free,
     get_table,
     section_mask,
 )
@@ -302,7 +304,7 @@ def _log_total(adata: ad.AnnData, layer: str | None) -> np.ndarray:
     return np.log1p(library_size(adata, layer=layer))[:, None].astype(np.float32)
 
 
-@doc_params(transform=doc_transform, table_key=doc_table_key, layer=doc_layer)
+@doc_params(transform=doc_transform, table_key=doc_table_key, layer=doc_layer, overwrite=doc_overwrite)
 def library_size_yardstick(
     sdata: Any,
     *,
@@ -313,6 +315,7 @@ def library_size_yardstick(
     table_key: str = TABLE_KEY,
     layer: str | None = None,
     key_added: str = "library_size_prediction",
+    overwrite: bool = False,
 ) -> str:
     """Predict each gene from the test spot's own total count (a yardstick, not a method).
 
@@ -336,7 +339,8 @@ def library_size_yardstick(
     {table_key}
     {layer}
     key_added
-        Name of the prediction table.
+        Name of the prediction table; never ``table_key``.
+    {overwrite}
 
     Returns
     -------
@@ -350,6 +354,7 @@ def library_size_yardstick(
     """
     from stemst.tl._predict import predict
 
+    check_table_key_free(sdata, key_added, overwrite=overwrite, counts_key=table_key)
     table = get_table(sdata, table_key)
     panel = resolve_genes(table, genes)
     train = table[section_mask(table, train_sections)]

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from stemst._atomic import check_destination
 from stemst._errors import warn
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
 from stemst._schema import embedding_key as _embedding_key
@@ -227,6 +228,8 @@ def fit(
             "augment=True needs head=False and a per-spot network: the mean head and the joint model work on one "
             "embedding per spot."
         )
+    if checkpoint_dir is not None:  # checked before any data is read, so that a bad path costs nothing
+        check_destination(checkpoint_dir, what="the training checkpoint", argument="checkpoint_dir")
     diffusion = DiffusionConfig(
         n_diffusion_steps,
         parameterization=parameterization,

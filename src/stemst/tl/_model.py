@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from stemst._atomic import Swap, check_destination, recover, replacing
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import RNGLike, read_json, reading
 from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig
@@ -266,7 +265,9 @@ class StemstModel(Predictor):
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save to a folder: ``config.json`` (settings, genes, history) and ``weights.pt`` (tensors only).
 
-        The folder is written next to ``path`` and moved into place, so a crash never leaves half a model.
+        The folder is written beside ``path`` and swapped into place (:func:`stemst._atomic.replacing`), so a crash
+        never leaves half a model, nor loses the model being replaced; the next :meth:`save` or :meth:`load` resolves
+        what a crash left.
 
         Parameters
         ----------
@@ -281,26 +282,17 @@ class StemstModel(Predictor):
         """
         from stemst import __version__
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "stemst_version": __version__,
-                "config": self.config,
-                "history": self.history,
-            }
+        path = check_destination(path, what="the model", argument="path")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "stemst_version": __version__,
+            "config": self.config,
+            "history": self.history,
+        }
+        with replacing(Swap.of(path), overwrite=overwrite) as tmp:
+            tmp.mkdir()
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
             torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, tmp / WEIGHTS_FILE)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod
@@ -317,6 +309,7 @@ class StemstModel(Predictor):
             Where to put the weights; ``"auto"``: CUDA if available, else CPU.
         """
         path = Path(path)
+        recover(Swap.of(path))
         if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{path} is not a saved stemst model (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
         meta = read_json(path / CONFIG_FILE, what="stemst model settings")

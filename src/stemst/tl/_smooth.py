@@ -8,7 +8,14 @@ import numpy as np
 
 from stemst._docs import doc_overwrite, doc_params, doc_pred_key
 from stemst._logging import logger
-from stemst._schema import PREDICTION_KEY, SECTION_KEY, SPATIAL_KEY, StemstDataError, get_table
+from stemst._schema import (
+    PREDICTION_KEY,
+    SECTION_KEY,
+    SPATIAL_KEY,
+    StemstDataError,
+    check_table_key_free,
+    get_table,
+)
 
 
 @doc_params(pred_key=doc_pred_key, overwrite=doc_overwrite)
@@ -37,7 +44,7 @@ def smooth(
     weight
         Weight of the neighbours' mean, in ``[0, 1]``.
     key_added
-        Key of the smoothed table (default ``f"{{pred_key}}_smoothed"``).
+        Key of the smoothed table (default ``f"{{pred_key}}_smoothed"``); never the counts table ``"table"``.
     {overwrite}
 
     Returns
@@ -60,8 +67,7 @@ def smooth(
         raise ValueError(f"weight must be in [0, 1], got {weight}.")
     pred = get_table(sdata, pred_key)
     key = key_added or f"{pred_key}_smoothed"
-    if key in sdata.tables and not overwrite:
-        raise StemstDataError(f"sdata.tables[{key!r}] exists; pass overwrite=True or another key_added.")
+    check_table_key_free(sdata, key, overwrite=overwrite)  # never the counts table, even with overwrite=True
     if SPATIAL_KEY not in pred.obsm:
         raise StemstDataError(f"Prediction {pred_key!r} has no obsm[{SPATIAL_KEY!r}]; smoothing needs spot centres.")
     out = pred.copy()
