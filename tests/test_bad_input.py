@@ -15,6 +15,7 @@ import time
 import warnings
 import zlib
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -342,3 +343,72 @@ def test_check_table_key_free(c2_sdata):
     _schema.check_table_key_free(c2_sdata, "pred", overwrite=True)
     _schema.check_table_key_free(c2_sdata, "new")
     del c2_sdata.tables["pred"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23, silently wrong: counts that are not raw counts, a diverging fit, panel sizes
+
+
+@pytest.fixture(scope="module")
+def two_sections(her2st_small) -> ad.AnnData:
+    """C2 and C6 (the 3000 most expressed genes), with random 8-d embeddings obsm['X_rand'] and a 20-gene panel: a cheap model input."""
+    full = her2st_small.tables["table"]
+    table = full[:, np.argsort(-np.asarray(full.X.sum(0)).ravel())[:3000]].copy()
+    table.obsm["X_rand"] = np.random.default_rng(0).normal(size=(table.n_obs, 8)).astype(np.float32)
+    top = np.argsort(-np.asarray(table.X.sum(0)).ravel())[:20]
+    table.var[_schema.PANEL_KEY] = np.isin(np.arange(table.n_vars), top)
+    return table
+
+
+def _spoil(table: ad.AnnData, how: str) -> ad.AnnData:
+    """A copy of ``table`` whose X is normalised + log1p, or has NaN / inf / negative values in 3 C6 spots."""
+    import scanpy as sc
+
+    bad = table.copy()
+    if how == "log1p":
+        sc.pp.normalize_total(bad)
+        sc.pp.log1p(bad)
+        return bad
+    x = bad.X.astype(np.float64).tolil()
+    rows = np.flatnonzero(bad.obs["section"].to_numpy() == "C6")[:3]
+    cols = np.flatnonzero(bad.var[_schema.PANEL_KEY].to_numpy())[:1]
+    x[rows, cols[0]] = {"nan": np.nan, "inf": np.inf, "negative": -2.0}[how]
+    bad.X = x.tocsr()
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [("log1p", "non-integer"), ("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("negative", "negative")],
+)
+def test_counts_that_are_not_raw_are_refused_by_select_genes_and_fit(two_sections, how, problem):
+    bad = _spoil(two_sections, how)
+    n_spots = r"\d+" if how == "log1p" else 3
+    where = r"\['C2', 'C6'\]" if how == "log1p" else r"\['C6'\]"
+    match = rf"X.* holds {problem} values .* in {n_spots} of \d+ spots \(sections {where}\).*raw .*counts.*layer="
+    with pytest.raises(StemstDataError, match=match):
+        stemst.pp.select_genes(bad, train_sections=["C2", "C6"], n_genes=20, inplace=False)
+    with pytest.raises(StemstDataError, match=match):
+        stemst.tl.fit(bad, embedding_key="X_rand", validation=None, steps=2, progress=False)
+    with pytest.raises(StemstDataError, match=match):  # the baselines and evaluation read the same targets
+        stemst.tl.fit_baseline(bad, method="ridge", embedding_key="X_rand")
+
+
+def test_diverging_fit_stops_naming_lr(two_sections):
+    with pytest.raises(FloatingPointError, match=r"loss exploded from .* at step \d+: training diverged.*lr=1e\+06"):
+        stemst.tl.fit(
+            two_sections, embedding_key="X_rand", validation=None, head=False, lr=1e6, steps=50, progress=False
+        )
+
+
+@pytest.mark.parametrize("n_genes", [0, -5, 2.5])
+def test_select_genes_refuses_a_panel_size_below_one(two_sections, n_genes):
+    for method in ("hmhvg", "hvg"):
+        with pytest.raises(ValueError, match=rf"n_genes must be a whole number >= 1, got {n_genes}"):
+            stemst.pp.select_genes(two_sections, train_sections=["C2"], method=method, n_genes=n_genes, inplace=False)
+
+
+def test_select_genes_warns_when_the_panel_size_is_capped(two_sections):
+    with pytest.warns(StemstWarning, match=r"n_genes=5000 exceeds the (\d+) candidate genes.*raise n_top_hvg"):
+        panel = stemst.pp.select_genes(two_sections, train_sections=["C2"], n_genes=5000, n_top_hvg=300, inplace=False)
+    assert 0 < len(panel) <= 300

@@ -31,6 +31,8 @@ from stemst.model.config import TrainingConfig
 from stemst.model.module import DiffusionModel
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: training stops when the loss exceeds this multiple of its first value (a diverging run: lr too high)
+DIVERGENCE_FACTOR = 1e6
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -180,6 +182,26 @@ def _run_description(module: DiffusionModel, run_info: dict[str, Any] | None) ->
     return json.loads(json.dumps(desc))
 
 
+def _check_loss(
+    values: np.ndarray, step: int, reference: float, config: TrainingConfig, last_ckpt: int | None, ckpt: Path | None
+) -> None:
+    """Stop a run whose losses (those of the steps up to ``step``) are NaN or infinite or have exploded.
+
+    A loss above :data:`DIVERGENCE_FACTOR` times ``reference`` (the run's first loss) is a diverged run.
+    """
+    diverged = ~np.isfinite(values) | (values > DIVERGENCE_FACTOR * max(abs(reference), 1e-8))
+    bad = np.flatnonzero(diverged)
+    if not bad.size:
+        return
+    first = step - len(values) + int(bad[0]) + 1
+    where = f"; the last good checkpoint (step {last_ckpt}) is in {ckpt}" if last_ckpt else ""
+    what = "became" if not np.isfinite(values[bad[0]]) else f"exploded from {reference:.4g} to"
+    raise FloatingPointError(
+        f"The training loss {what} {values[bad[0]]:.4g} at step {first}: training diverged{where}. Lower lr "
+        f"(lr={config.lr:g} here), keep max_grad_norm set, or check the inputs for extreme values."
+    )
+
+
 def train(
     module: DiffusionModel,
     cond: torch.Tensor,
@@ -232,7 +254,8 @@ def train(
     Raises
     ------
     FloatingPointError
-        If the loss becomes NaN or infinite; the message names the step, and the last checkpoint (if any) is kept.
+        If the loss becomes NaN or infinite, or explodes (above :data:`DIVERGENCE_FACTOR` times its first value); the
+        message names the step and ``lr``, and the last checkpoint (if any) is kept.
 
     Examples
     --------
@@ -314,6 +337,7 @@ def train(
     cond, y = cond.to(dev), y.to(dev)
     t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
     losses, mses = [], []
+    reference = None  # the first loss of the run, which a diverging run's loss leaves far behind
     stopped = False
     bar = tqdm(
         total=config.steps, initial=step, desc=f"fit {module.network.architecture}", disable=not (progress and main)
@@ -329,14 +353,9 @@ def train(
             at_checkpoint = ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps)
             if step % config.log_every == 0 or step == config.steps or at_checkpoint:
                 values = torch.stack(losses).cpu().numpy()
-                bad = np.flatnonzero(~np.isfinite(values))
-                if bad.size:
-                    first = step - len(values) + int(bad[0]) + 1
-                    where = f"; the last good checkpoint (step {last_ckpt}) is in {ckpt}" if last_ckpt else ""
-                    raise FloatingPointError(
-                        f"The training loss became {values[bad[0]]} at step {first}{where}. Lower lr, keep "
-                        "max_grad_norm set, or check the inputs for extreme values."
-                    )
+                if reference is None:
+                    reference = float(history[0]["loss"]) if history else float(values[0])
+                _check_loss(values, step, reference, config, last_ckpt, ckpt)
                 entry = {
                     "step": step,
                     "loss": float(values.mean()),

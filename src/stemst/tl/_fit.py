@@ -199,7 +199,11 @@ def fit(
     Raises
     ------
     FloatingPointError
-        If the loss becomes NaN or infinite; the message names the step, and the last checkpoint (if any) is kept.
+        If the loss becomes NaN or infinite or explodes (a diverged run, e.g. ``lr`` far too high); the message names
+        the step and ``lr``, and the last checkpoint (if any) is kept.
+    StemstDataError
+        If the counts are not raw counts (NaN or infinite, negative, or non-integer values, e.g. after
+        ``sc.pp.normalize_total`` + ``sc.pp.log1p``).
 
     Examples
     --------
