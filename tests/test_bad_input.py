@@ -412,3 +412,36 @@ def test_select_genes_warns_when_the_panel_size_is_capped(two_sections):
     with pytest.warns(StemstWarning, match=r"n_genes=5000 exceeds the (\d+) candidate genes.*raise n_top_hvg"):
         panel = stemst.pp.select_genes(two_sections, train_sections=["C2"], n_genes=5000, n_top_hvg=300, inplace=False)
     assert 0 < len(panel) <= 300
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23: images whose 16 bits hold fewer, a blank hires image, a counts file without genes
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_16bit_image_holding_fewer_bits_reads_as_the_image_with_a_warning(tmp_path, c2, c2_sdata, bits):
+    import tifffile
+
+    rgb = c2["image"]
+    fewer = np.rint(rgb.astype(np.float64) * (2**bits - 1) / 255).astype(np.uint16)
+    root = write_visium(tmp_path / "outs", c2, image=png16(fewer))
+    with pytest.warns(StemstWarning, match=rf"16-bit image whose values use {bits} bits.*0-{2**bits - 1} scaled"):
+        got = image_of(stemst.io.visium(root, section="C2"))
+    assert np.abs(got.astype(int) - image_of(c2_sdata)).max() <= 1  # not nearly black, not "blank"
+    tifffile.imwrite(tmp_path / "fewer.tif", fewer, photometric="rgb", tile=(128, 128))
+    with pytest.warns(StemstWarning, match=rf"fewer\.tif is a 16-bit image whose values use {bits} bits"):
+        lazy, _ = stemst.io._image.read_image(tmp_path / "fewer.tif")
+    assert np.abs(np.asarray(lazy).astype(int) - rgb).max() <= 1
+
+
+def test_blank_hires_image_suggests_the_other_images(tmp_path, c2):
+    root = write_visium(tmp_path / "outs", c2, image=np.full_like(c2["image"], 250))
+    with pytest.raises(StemstDataError, match=r"tissue_hires_image\.png.* blank.*image='lowres'"):
+        stemst.io.visium(root, section="C2")
+
+
+def test_visium_counts_file_without_genes_is_refused_naming_it(tmp_path, c2):
+    empty = {**c2, "counts": sp.csr_matrix((len(c2["barcodes"]), 0), dtype=np.int32), "genes": []}
+    root = write_visium(tmp_path / "outs", empty)
+    with pytest.raises(StemstFileError, match=r"filtered_feature_bc_matrix\.h5: holds no genes \(\d+ barcodes x 0"):
+        stemst.io.visium(root, section="C2")
