@@ -445,3 +445,150 @@ def test_visium_counts_file_without_genes_is_refused_naming_it(tmp_path, c2):
     root = write_visium(tmp_path / "outs", empty)
     with pytest.raises(StemstFileError, match=r"filtered_feature_bc_matrix\.h5: holds no genes \(\d+ barcodes x 0"):
         stemst.io.visium(root, section="C2")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23: unbounded predictions, devices this machine lacks, saved files that do not fit, too few spots
+
+
+@pytest.fixture(scope="module")
+def tiny_model(two_sections):
+    """A 3-step MLP on the random embeddings: enough to exercise the checks around a model."""
+    model = stemst.tl.fit(
+        two_sections, embedding_key="X_rand", validation=None, head=False, steps=3, width=16, depth=1, progress=False
+    )
+    model.encoder = {"encoder": "color_stats", "patch_size_um": 100.0}
+    return model
+
+
+def test_predict_refuses_samples_beyond_max_memory_and_warns_above_the_lower_limit(
+    two_sections, tiny_model, monkeypatch
+):
+    with pytest.raises(
+        StemstDataError,
+        match=r"365 spots x 1,000,000 samples x 20 genes would hold about 116\.8 GB of samples, more than max_memory_gb=16",
+    ):
+        stemst.tl.predict(tiny_model, two_sections, n_samples=10**6, progress=False)
+    with pytest.raises(ValueError, match=r"n_samples must be a whole number >= 1, got 0"):
+        stemst.tl.predict(tiny_model, two_sections, n_samples=0, progress=False)
+    monkeypatch.setattr(stemst.tl._predict, "WARN_MEMORY_GB", 1e-4)
+    with pytest.warns(StemstWarning, match=r"365 spots x 2 samples x 20 genes holds about 0\.0 GB"):
+        out = stemst.tl.predict(tiny_model, two_sections, n_samples=2, steps=2, progress=False)
+    assert out.obsm["samples"].shape == (two_sections.n_obs, 2, 20)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "error"),
+    [
+        (
+            5.0,
+            r"spacing_um=5 lays about [\d,]+ grid spots over the tissue of section 'C2', more than max_spots=50,000.*"
+            r"about \d+ µm gives 50,000.*raise max_spots",
+        ),
+        (float("nan"), r"spacing_um must be a positive number.*nan"),
+        (-100.0, r"spacing_um must be a positive number.*-100"),
+    ],
+)
+def test_predict_image_refuses_a_grid_too_fine_or_a_bad_spacing(
+    her2st_small, sdata_copy, tiny_model, spacing, error, monkeypatch
+):
+    sdata = sdata_copy(her2st_small)
+    before = snapshot(sdata)
+    monkeypatch.setattr(stemst.pp, "embed_patches", None)  # refused before anything is embedded
+    with pytest.raises(ValueError, match=error):
+        stemst.tl.predict_image(tiny_model, sdata, "C2", spacing_um=spacing, progress=False)
+    assert_unchanged(sdata, before)
+
+
+def test_a_cuda_device_without_a_gpu_is_named_everywhere(two_sections, tiny_model, c2_sdata, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    match = r"device='cuda', but torch finds no CUDA GPU here.*device='cpu'"
+    with pytest.raises(ValueError, match=match):
+        stemst.tl.fit(two_sections, embedding_key="X_rand", device="cuda", progress=False)
+    with pytest.raises(ValueError, match=match):
+        stemst.pp.embed_patches(c2_sdata, encoder="color_stats", device="cuda", progress=False)
+    saved = tiny_model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match=match):
+        stemst.tl.StemstModel.load(saved, device="cuda")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device: use 'auto', 'cpu', 'cuda'"):
+        stemst.tl.StemstModel.load(saved, device="gpu")
+    assert "X_color_stats" not in c2_sdata.tables["table"].obsm
+
+
+def test_checkpoint_lacking_keys_is_named(two_sections, tmp_path):
+    torch.save({"module": {}, "step": 3}, tmp_path / "checkpoint.pt")
+    with pytest.raises(
+        StemstFileError,
+        match=r"checkpoint\.pt: is not a whole stemst training checkpoint: it lacks "
+        r"\['run', 'ema', 'optimizer', 'rng', 'history'\]\. Delete it",
+    ):
+        stemst.tl.fit(
+            two_sections,
+            embedding_key="X_rand",
+            head=False,
+            steps=3,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_saved_model_whose_config_and_weights_disagree_or_lack_a_version(tiny_model, tmp_path):
+    saved = tiny_model.save(tmp_path / "m")
+    meta = json.loads((saved / "config.json").read_text())
+    meta["config"]["network"]["width"] = 32
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        StemstFileError,
+        match=rf"(?s){saved}: cannot read this stemst model: config\.json and weights\.pt "
+        r"do not match \(RuntimeError.*size mismatch",
+    ):
+        stemst.tl.StemstModel.load(saved)
+    meta["config"]["network"]["width"] = 16
+    del meta["format_version"]
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        StemstFileError,
+        match=r"config\.json: has no format_version: it was not written by "
+        r"StemstModel\.save, or was edited",
+    ) as caught:
+        stemst.tl.StemstModel.load(saved)
+    assert "the stemst version that wrote it" not in str(caught.value)
+    meta["format_version"] = 99
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(StemstFileError, match=r"model format 99, written by stemst .*The file was edited"):
+        stemst.tl.StemstModel.load(saved)
+
+
+@pytest.mark.parametrize("n_spots", [2, 4, 6])
+def test_fit_on_too_few_spots_says_so(two_sections, n_spots):
+    c2 = two_sections[np.flatnonzero(two_sections.obs["section"] == "C2")[:n_spots]].copy()
+    with pytest.raises(StemstDataError, match=rf"the {n_spots} training spots make 1 group\(s\).*pass head=False"):
+        stemst.tl.fit(c2, embedding_key="X_rand", steps=3, progress=False)
+    one_each = two_sections[[0, int(np.flatnonzero(two_sections.obs["section"] == "C6")[0])]].copy()
+    with pytest.raises(StemstDataError, match=r"the 2 training spots make 2 group\(s\) of \[1, 1\] spots"):
+        stemst.tl.fit(one_each, embedding_key="X_rand", steps=3, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23: the command line finds what `stemst prepare` wrote, and prints errors without a traceback
+
+
+def test_cli_fit_after_prepare_with_another_encoder_and_errors_without_traceback(c2_sdata, tmp_path, capsys):
+    from stemst._cli import main
+
+    store = tmp_path / "c2.zarr"
+    stemst.io.write_zarr(c2_sdata, store)
+    args = ["--encoder", "color_stats", "--no-augment", "--genes", "10", "--no-progress"]
+    assert main(["prepare", str(store), "--train-sections", "C2", *args]) == 0
+    assert main(["fit", str(store), "--out", str(tmp_path / "m"), "--steps", "3", "--no-progress"]) == 0
+    model = stemst.tl.StemstModel.load(tmp_path / "m")
+    assert model.embedding_key == "X_color_stats_context" and model.encoder["encoder"] == "color_stats"
+    capsys.readouterr()
+    assert main(["predict", str(store), "--model", str(tmp_path / "none"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "stemst predict: error: FileNotFoundError:" in err and "is not a saved stemst model" in err
+    assert "Traceback" not in err and "--verbose prints the traceback" in err
+    assert main(["predict", str(store), "--model", str(tmp_path / "none"), "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "stemst predict: error: FileNotFoundError" in err

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stemst._errors import StemstFileError
 from stemst._logging import logger
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import reading
@@ -31,6 +32,8 @@ from stemst.model.config import TrainingConfig
 from stemst.model.module import DiffusionModel
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: what a checkpoint holds
+CHECKPOINT_KEYS = ("run", "module", "ema", "optimizer", "rng", "step", "history")
 #: training stops when the loss exceeds this multiple of its first value (a diverging run: lr too high)
 DIVERGENCE_FACTOR = 1e6
 
@@ -304,14 +307,22 @@ def train(
     if resume and ckpt.exists():
         with reading(ckpt, "training checkpoint", hint="Delete it to start afresh, or point checkpoint_dir elsewhere."):
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise StemstFileError(
+                ckpt,
+                f"is not a whole stemst training checkpoint: it lacks {missing}. Delete it to start afresh, or point "
+                "checkpoint_dir elsewhere.",
+            )
         old = json.loads(state["run"])
         diff = [k for k in sorted(run.keys() | old.keys()) if old.get(k) != run.get(k)]
         if diff:
             raise ValueError(f"Cannot resume from {ckpt}: the settings differ in {diff}.")
-        module.load_state_dict(state["module"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"])
+        with reading(ckpt, "training checkpoint of this model", hint="Delete it to start afresh."):
+            module.load_state_dict(state["module"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["rng"])
         step = last_ckpt = int(state["step"])
         history = json.loads(state["history"])
         logger.info("Resuming from %s at step %d", ckpt, step)
