@@ -513,6 +513,10 @@ def test_a_cuda_device_without_a_gpu_is_named_everywhere(two_sections, tiny_mode
     with pytest.raises(ValueError, match=r"device='gpu' is not a device: use 'auto', 'cpu', 'cuda'"):
         stemst.tl.StemstModel.load(saved, device="gpu")
     assert "X_color_stats" not in c2_sdata.tables["table"].obsm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:3', but this machine has 1 CUDA GPU\(s\): cuda:0 to cuda:0"):
+        stemst.tl.StemstModel.load(saved, device="cuda:3")
 
 
 def test_checkpoint_lacking_keys_is_named(two_sections, tmp_path):
@@ -574,7 +578,9 @@ def test_fit_on_too_few_spots_says_so(two_sections, n_spots):
 # issue 23: the command line finds what `stemst prepare` wrote, and prints errors without a traceback
 
 
-def test_cli_fit_after_prepare_with_another_encoder_and_errors_without_traceback(c2_sdata, tmp_path, capsys):
+def test_cli_fit_after_prepare_with_another_encoder_and_errors_without_traceback(
+    c2_sdata, tmp_path, capsys, monkeypatch
+):
     from stemst._cli import main
 
     store = tmp_path / "c2.zarr"
@@ -592,3 +598,6 @@ def test_cli_fit_after_prepare_with_another_encoder_and_errors_without_traceback
     assert main(["predict", str(store), "--model", str(tmp_path / "none"), "--verbose"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "stemst predict: error: FileNotFoundError" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["predict", str(store), "--model", str(tmp_path / "m"), "--device", "cuda"]) == 1
+    assert "stemst predict: error: ValueError: device='cuda', but torch finds no CUDA GPU" in capsys.readouterr().err
