@@ -15,6 +15,7 @@ import time
 import warnings
 import zlib
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -342,3 +343,261 @@ def test_check_table_key_free(c2_sdata):
     _schema.check_table_key_free(c2_sdata, "pred", overwrite=True)
     _schema.check_table_key_free(c2_sdata, "new")
     del c2_sdata.tables["pred"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23, silently wrong: counts that are not raw counts, a diverging fit, panel sizes
+
+
+@pytest.fixture(scope="module")
+def two_sections(her2st_small) -> ad.AnnData:
+    """C2 and C6 (the 3000 most expressed genes), with random 8-d embeddings obsm['X_rand'] and a 20-gene panel: a cheap model input."""
+    full = her2st_small.tables["table"]
+    table = full[:, np.argsort(-np.asarray(full.X.sum(0)).ravel())[:3000]].copy()
+    table.obsm["X_rand"] = np.random.default_rng(0).normal(size=(table.n_obs, 8)).astype(np.float32)
+    top = np.argsort(-np.asarray(table.X.sum(0)).ravel())[:20]
+    table.var[_schema.PANEL_KEY] = np.isin(np.arange(table.n_vars), top)
+    return table
+
+
+def _spoil(table: ad.AnnData, how: str) -> ad.AnnData:
+    """A copy of ``table`` whose X is normalised + log1p, or has NaN / inf / negative values in 3 C6 spots."""
+    import scanpy as sc
+
+    bad = table.copy()
+    if how == "log1p":
+        sc.pp.normalize_total(bad)
+        sc.pp.log1p(bad)
+        return bad
+    x = bad.X.astype(np.float64).tolil()
+    rows = np.flatnonzero(bad.obs["section"].to_numpy() == "C6")[:3]
+    cols = np.flatnonzero(bad.var[_schema.PANEL_KEY].to_numpy())[:1]
+    x[rows, cols[0]] = {"nan": np.nan, "inf": np.inf, "negative": -2.0}[how]
+    bad.X = x.tocsr()
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [("log1p", "non-integer"), ("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("negative", "negative")],
+)
+def test_counts_that_are_not_raw_are_refused_by_select_genes_and_fit(two_sections, how, problem):
+    bad = _spoil(two_sections, how)
+    n_spots = r"\d+" if how == "log1p" else 3
+    where = r"\['C2', 'C6'\]" if how == "log1p" else r"\['C6'\]"
+    match = rf"X.* holds {problem} values .* in {n_spots} of \d+ spots \(sections {where}\).*raw .*counts.*layer="
+    with pytest.raises(StemstDataError, match=match):
+        stemst.pp.select_genes(bad, train_sections=["C2", "C6"], n_genes=20, inplace=False)
+    with pytest.raises(StemstDataError, match=match):
+        stemst.tl.fit(bad, embedding_key="X_rand", validation=None, steps=2, progress=False)
+    with pytest.raises(StemstDataError, match=match):  # the baselines and evaluation read the same targets
+        stemst.tl.fit_baseline(bad, method="ridge", embedding_key="X_rand")
+
+
+def test_diverging_fit_stops_naming_lr(two_sections):
+    with pytest.raises(FloatingPointError, match=r"loss exploded from .* at step \d+: training diverged.*lr=1e\+06"):
+        stemst.tl.fit(
+            two_sections, embedding_key="X_rand", validation=None, head=False, lr=1e6, steps=50, progress=False
+        )
+
+
+@pytest.mark.parametrize("n_genes", [0, -5, 2.5])
+def test_select_genes_refuses_a_panel_size_below_one(two_sections, n_genes):
+    for method in ("hmhvg", "hvg"):
+        with pytest.raises(ValueError, match=rf"n_genes must be a whole number >= 1, got {n_genes}"):
+            stemst.pp.select_genes(two_sections, train_sections=["C2"], method=method, n_genes=n_genes, inplace=False)
+
+
+def test_select_genes_warns_when_the_panel_size_is_capped(two_sections):
+    with pytest.warns(StemstWarning, match=r"n_genes=5000 exceeds the (\d+) candidate genes.*raise n_top_hvg"):
+        panel = stemst.pp.select_genes(two_sections, train_sections=["C2"], n_genes=5000, n_top_hvg=300, inplace=False)
+    assert 0 < len(panel) <= 300
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23: images whose 16 bits hold fewer, a blank hires image, a counts file without genes
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_16bit_image_holding_fewer_bits_reads_as_the_image_with_a_warning(tmp_path, c2, c2_sdata, bits):
+    import tifffile
+
+    rgb = c2["image"]
+    fewer = np.rint(rgb.astype(np.float64) * (2**bits - 1) / 255).astype(np.uint16)
+    root = write_visium(tmp_path / "outs", c2, image=png16(fewer))
+    with pytest.warns(StemstWarning, match=rf"16-bit image whose values use {bits} bits.*0-{2**bits - 1} scaled"):
+        got = image_of(stemst.io.visium(root, section="C2"))
+    assert np.abs(got.astype(int) - image_of(c2_sdata)).max() <= 1  # not nearly black, not "blank"
+    tifffile.imwrite(tmp_path / "fewer.tif", fewer, photometric="rgb", tile=(128, 128))
+    with pytest.warns(StemstWarning, match=rf"fewer\.tif is a 16-bit image whose values use {bits} bits"):
+        lazy, _ = stemst.io._image.read_image(tmp_path / "fewer.tif")
+    assert np.abs(np.asarray(lazy).astype(int) - rgb).max() <= 1
+
+
+def test_blank_hires_image_suggests_the_other_images(tmp_path, c2):
+    root = write_visium(tmp_path / "outs", c2, image=np.full_like(c2["image"], 250))
+    with pytest.raises(StemstDataError, match=r"tissue_hires_image\.png.* blank.*image='lowres'"):
+        stemst.io.visium(root, section="C2")
+
+
+def test_visium_counts_file_without_genes_is_refused_naming_it(tmp_path, c2):
+    empty = {**c2, "counts": sp.csr_matrix((len(c2["barcodes"]), 0), dtype=np.int32), "genes": []}
+    root = write_visium(tmp_path / "outs", empty)
+    with pytest.raises(StemstFileError, match=r"filtered_feature_bc_matrix\.h5: holds no genes \(\d+ barcodes x 0"):
+        stemst.io.visium(root, section="C2")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23: unbounded predictions, devices this machine lacks, saved files that do not fit, too few spots
+
+
+@pytest.fixture(scope="module")
+def tiny_model(two_sections):
+    """A 3-step MLP on the random embeddings: enough to exercise the checks around a model."""
+    model = stemst.tl.fit(
+        two_sections, embedding_key="X_rand", validation=None, head=False, steps=3, width=16, depth=1, progress=False
+    )
+    model.encoder = {"encoder": "color_stats", "patch_size_um": 100.0}
+    return model
+
+
+def test_predict_refuses_samples_beyond_max_memory_and_warns_above_the_lower_limit(
+    two_sections, tiny_model, monkeypatch
+):
+    with pytest.raises(
+        StemstDataError,
+        match=r"365 spots x 1,000,000 samples x 20 genes would hold about 116\.8 GB of samples, more than max_memory_gb=16",
+    ):
+        stemst.tl.predict(tiny_model, two_sections, n_samples=10**6, progress=False)
+    with pytest.raises(ValueError, match=r"n_samples must be a whole number >= 1, got 0"):
+        stemst.tl.predict(tiny_model, two_sections, n_samples=0, progress=False)
+    monkeypatch.setattr(stemst.tl._predict, "WARN_MEMORY_GB", 1e-4)
+    with pytest.warns(StemstWarning, match=r"365 spots x 2 samples x 20 genes holds about 0\.0 GB"):
+        out = stemst.tl.predict(tiny_model, two_sections, n_samples=2, steps=2, progress=False)
+    assert out.obsm["samples"].shape == (two_sections.n_obs, 2, 20)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "error"),
+    [
+        (
+            5.0,
+            r"spacing_um=5 lays about [\d,]+ grid spots over the tissue of section 'C2', more than max_spots=50,000.*"
+            r"about \d+ µm gives 50,000.*raise max_spots",
+        ),
+        (float("nan"), r"spacing_um must be a positive number.*nan"),
+        (-100.0, r"spacing_um must be a positive number.*-100"),
+    ],
+)
+def test_predict_image_refuses_a_grid_too_fine_or_a_bad_spacing(
+    her2st_small, sdata_copy, tiny_model, spacing, error, monkeypatch
+):
+    sdata = sdata_copy(her2st_small)
+    before = snapshot(sdata)
+    monkeypatch.setattr(stemst.pp, "embed_patches", None)  # refused before anything is embedded
+    with pytest.raises(ValueError, match=error):
+        stemst.tl.predict_image(tiny_model, sdata, "C2", spacing_um=spacing, progress=False)
+    assert_unchanged(sdata, before)
+
+
+def test_a_cuda_device_without_a_gpu_is_named_everywhere(two_sections, tiny_model, c2_sdata, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    match = r"device='cuda', but torch finds no CUDA GPU here.*device='cpu'"
+    with pytest.raises(ValueError, match=match):
+        stemst.tl.fit(two_sections, embedding_key="X_rand", device="cuda", progress=False)
+    with pytest.raises(ValueError, match=match):
+        stemst.pp.embed_patches(c2_sdata, encoder="color_stats", device="cuda", progress=False)
+    saved = tiny_model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match=match):
+        stemst.tl.StemstModel.load(saved, device="cuda")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device: use 'auto', 'cpu', 'cuda'"):
+        stemst.tl.StemstModel.load(saved, device="gpu")
+    assert "X_color_stats" not in c2_sdata.tables["table"].obsm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:3', but this machine has 1 CUDA GPU\(s\): cuda:0 to cuda:0"):
+        stemst.tl.StemstModel.load(saved, device="cuda:3")
+
+
+def test_checkpoint_lacking_keys_is_named(two_sections, tmp_path):
+    torch.save({"module": {}, "step": 3}, tmp_path / "checkpoint.pt")
+    with pytest.raises(
+        StemstFileError,
+        match=r"checkpoint\.pt: is not a whole stemst training checkpoint: it lacks "
+        r"\['run', 'ema', 'optimizer', 'rng', 'history'\]\. Delete it",
+    ):
+        stemst.tl.fit(
+            two_sections,
+            embedding_key="X_rand",
+            head=False,
+            steps=3,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_saved_model_whose_config_and_weights_disagree_or_lack_a_version(tiny_model, tmp_path):
+    saved = tiny_model.save(tmp_path / "m")
+    meta = json.loads((saved / "config.json").read_text())
+    meta["config"]["network"]["width"] = 32
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        StemstFileError,
+        match=rf"(?s){saved}: cannot read this stemst model: config\.json and weights\.pt "
+        r"do not match \(RuntimeError.*size mismatch",
+    ):
+        stemst.tl.StemstModel.load(saved)
+    meta["config"]["network"]["width"] = 16
+    del meta["format_version"]
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        StemstFileError,
+        match=r"config\.json: has no format_version: it was not written by "
+        r"StemstModel\.save, or was edited",
+    ) as caught:
+        stemst.tl.StemstModel.load(saved)
+    assert "the stemst version that wrote it" not in str(caught.value)
+    meta["format_version"] = 99
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(StemstFileError, match=r"model format 99, written by stemst .*The file was edited"):
+        stemst.tl.StemstModel.load(saved)
+
+
+@pytest.mark.parametrize("n_spots", [2, 4, 6])
+def test_fit_on_too_few_spots_says_so(two_sections, n_spots):
+    c2 = two_sections[np.flatnonzero(two_sections.obs["section"] == "C2")[:n_spots]].copy()
+    with pytest.raises(StemstDataError, match=rf"the {n_spots} training spots make 1 group\(s\).*pass head=False"):
+        stemst.tl.fit(c2, embedding_key="X_rand", steps=3, progress=False)
+    one_each = two_sections[[0, int(np.flatnonzero(two_sections.obs["section"] == "C6")[0])]].copy()
+    with pytest.raises(StemstDataError, match=r"the 2 training spots make 2 group\(s\) of \[1, 1\] spots"):
+        stemst.tl.fit(one_each, embedding_key="X_rand", steps=3, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 23: the command line finds what `stemst prepare` wrote, and prints errors without a traceback
+
+
+def test_cli_fit_after_prepare_with_another_encoder_and_errors_without_traceback(
+    c2_sdata, tmp_path, capsys, monkeypatch
+):
+    from stemst._cli import main
+
+    store = tmp_path / "c2.zarr"
+    stemst.io.write_zarr(c2_sdata, store)
+    args = ["--encoder", "color_stats", "--no-augment", "--genes", "10", "--no-progress"]
+    assert main(["prepare", str(store), "--train-sections", "C2", *args]) == 0
+    assert main(["fit", str(store), "--out", str(tmp_path / "m"), "--steps", "3", "--no-progress"]) == 0
+    model = stemst.tl.StemstModel.load(tmp_path / "m")
+    assert model.embedding_key == "X_color_stats_context" and model.encoder["encoder"] == "color_stats"
+    capsys.readouterr()
+    assert main(["predict", str(store), "--model", str(tmp_path / "none"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "stemst predict: error: FileNotFoundError:" in err and "is not a saved stemst model" in err
+    assert "Traceback" not in err and "--verbose prints the traceback" in err
+    assert main(["predict", str(store), "--model", str(tmp_path / "none"), "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "stemst predict: error: FileNotFoundError" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["predict", str(store), "--model", str(tmp_path / "m"), "--device", "cuda"]) == 1
+    assert "stemst predict: error: ValueError: device='cuda', but torch finds no CUDA GPU" in capsys.readouterr().err

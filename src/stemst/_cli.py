@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 TRAIN = ("C2", "C3", "C4", "C5")
@@ -205,6 +206,7 @@ def predict(
     from stemst.tl._predict import as_spatialdata_table
 
     distributed.init()
+    dev = distributed.device(resolve_device(device))  # a device this machine lacks is named before any work
     rank, world = distributed.rank(), distributed.world_size()
     sdata = stemst.io.read_zarr(store)
     table = get_table(sdata)
@@ -215,7 +217,7 @@ def predict(
         raise SystemExit(f"stemst predict: unknown sections {unknown}; the store has {known}.")
     key = key_added or PREDICTION_KEY
     check_table_key_free(sdata, key, overwrite=overwrite)
-    model = stemst.tl.StemstModel.load(model_dir, device=distributed.device(resolve_device(device)))
+    model = stemst.tl.StemstModel.load(model_dir, device=dev)
     parts = store.parent / f".{store.name}.{key}.parts"
     mine = chosen[rank::world]
     t0 = time.perf_counter()
@@ -263,10 +265,19 @@ def predict(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``stemst`` command."""
+    """Entry point of the ``stemst`` command.
+
+    An error prints its message (``stemst <command>: error: ...``) to stderr and returns 1; ``--verbose`` also
+    prints the traceback and the package's progress log.
+    """
     parser = argparse.ArgumentParser(prog="stemst", description=__doc__)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "--verbose", "-v", action="store_true", help="print the progress log, and the full traceback of an error"
+    )
+    parser.add_argument("--verbose", "-v", dest="verbose_all", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train on HER2ST C2-C5, predict C6, evaluate and plot")
+    p = sub.add_parser("demo", parents=[verbose], help="train on HER2ST C2-C5, predict C6, evaluate and plot")
     p.add_argument("--out", type=Path, default=Path("stemst_output"), help="output folder (default: stemst_output)")
     p.add_argument("--genes", type=int, default=100, help="panel size (default: 100)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's CPU default)")
@@ -278,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         help="embed the patches again instead of reading them from the embedding cache ($STEMST_CACHE_DIR or the "
         "user cache folder), and do not write it",
     )
-    p = sub.add_parser("prepare", help="embed, add spatial context and choose the panel in a zarr store")
+    p = sub.add_parser(
+        "prepare", parents=[verbose], help="embed, add spatial context and choose the panel in a zarr store"
+    )
     p.add_argument("store", type=Path, help="SpatialData .zarr store in the stemst layout (stemst.io.write_zarr)")
     p.add_argument("--train-sections", nargs="+", required=True, help="sections the gene panel is chosen on")
     p.add_argument("--encoder", default="efficientnet_lite0", help="encoder (stemst.pp.list_encoders)")
@@ -286,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--genes", type=int, default=100, help="panel size (default: 100)")
     p.add_argument("--batch-size", type=int, default=None, help="images per encoder pass (default: by device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p = sub.add_parser("fit", help="train on a prepared zarr store and save the model (runs under torchrun)")
+    p = sub.add_parser(
+        "fit", parents=[verbose], help="train on a prepared zarr store and save the model (runs under torchrun)"
+    )
     p.add_argument("store", type=Path, help="prepared SpatialData .zarr store (stemst prepare)")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
@@ -303,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p = sub.add_parser("predict", help="sample a saved model's predictions into a prepared store (runs under torchrun)")
+    p = sub.add_parser(
+        "predict",
+        parents=[verbose],
+        help="sample a saved model's predictions into a prepared store (runs under torchrun)",
+    )
     p.add_argument("store", type=Path, help="prepared SpatialData .zarr store (stemst prepare)")
     p.add_argument("--model", type=Path, required=True, help="model folder (stemst fit --out)")
     p.add_argument("--sections", nargs="+", default=None, help="sections to predict (default: all)")
@@ -315,7 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.verbose = args.verbose or args.verbose_all
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("stemst").setLevel(logging.INFO)
+    try:
+        _run(args)
+    except Exception as e:  # noqa: BLE001 - any failure: its message for the user, the traceback with --verbose
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (--verbose prints the traceback)"
+        print(f"stemst {args.command}: error: {type(e).__name__}: {e}{hint}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run the command ``args`` ask for."""
     if args.command == "demo":
         result = demo(args.out, n_genes=args.genes, steps=args.steps, quick=args.quick, cache=args.cache)
         (args.out / "run.json").write_text(json.dumps(result, indent=2))
@@ -357,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    return 0
 
 
 if __name__ == "__main__":

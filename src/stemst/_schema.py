@@ -546,3 +546,56 @@ def check_embedding(values: Any, *, what: str) -> None:
             "are probably identical: is the image blank or a placeholder, or do the spot coordinates miss the "
             "image content (check the scale factor and obsm['spatial'])?"
         )
+
+
+def check_raw_counts(values: Any, *, what: str, sections_: np.ndarray | None = None) -> None:
+    """Refuse counts that are not raw counts: NaN or infinite, negative, or non-integer values.
+
+    Every stored value is checked (the non-zeros of a sparse matrix), so a normalised or log-transformed table
+    (``sc.pp.normalize_total`` + ``sc.pp.log1p``) is caught before it is trained on or scored.
+
+    Parameters
+    ----------
+    values
+        Spots x genes counts, dense or sparse.
+    what
+        How to name them in the message, e.g. ``"X of table 'table'"``.
+    sections_
+        Section of each row, to say where the bad spots are.
+
+    Raises
+    ------
+    StemstDataError
+        Naming ``what``, how many spots are affected (and in which sections) and what to pass instead.
+
+    Examples
+    --------
+    >>> check_raw_counts(np.array([[0, 3], [1, 0]]), what="X")
+    >>> check_raw_counts(np.log1p(np.array([[0, 3], [1, 0]])), what="X")
+    Traceback (most recent call last):
+    ...
+    stemst._errors.StemstDataError: X holds non-integer values (e.g. 1.3862943611198906) in 2 of 2 spots...
+    """
+    m = sp.csr_matrix(values) if sp.issparse(values) else np.asarray(values)
+    data = m.data if sp.issparse(m) else m
+    for problem, bad in (
+        ("NaN or infinite values", lambda d: ~np.isfinite(d)),
+        ("negative values", lambda d: d < 0),
+        ("non-integer values", lambda d: np.mod(d, 1) != 0),
+    ):
+        flags = bad(data)
+        if not flags.any():
+            continue
+        if sp.issparse(m):
+            rows = np.unique(np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[flags])
+        else:
+            rows = np.flatnonzero(flags.reshape(len(flags), -1).any(axis=1))
+        where = ""
+        if sections_ is not None:
+            where = f" (sections {sorted(set(np.asarray(sections_, dtype=str)[rows].tolist()))})"
+        raise StemstDataError(
+            f"{what} holds {problem} (e.g. {float(data[flags][0])}) in {len(rows)} of {m.shape[0]} spots{where}. stemst "
+            "needs raw integer UMI counts, not normalised, log-transformed, scaled or imputed values: pass the raw "
+            "counts (put them back in X, or pass layer= naming the layer that holds them), and drop or fill spots "
+            "with missing counts."
+        )

@@ -12,6 +12,14 @@ from stemst._utils import RNGLike, as_seed
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Return the :class:`torch.device` for ``device``: ``"auto"`` is CUDA if available, else CPU.
 
+    Every function that takes a ``device`` resolves it here, so that a device this machine does not have is refused
+    at once, naming it, instead of failing later inside torch.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a device name, or names a CUDA device (or Apple MPS) this machine's torch cannot use.
+
     Examples
     --------
     >>> resolve_device("cpu")
@@ -19,7 +27,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({e}).") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(
+                f"device={str(device)!r}, but torch finds no CUDA GPU here (no GPU, no driver, or a CPU-only torch "
+                "build). Use device='cpu', or 'auto' to take a GPU only when there is one."
+            )
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device={str(device)!r}, but this machine has {n} CUDA GPU(s): cuda:0 to cuda:{n - 1}.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r}, but Apple's MPS is not available here. Use device='cpu'.")
+    return dev
 
 
 def autocast(device: torch.device) -> AbstractContextManager:

@@ -45,7 +45,29 @@ def _tiff_yxs(arr: Any, axes: str, path: Path) -> Any:
     return arr.transpose([kept.index(a) for a in "YXS" if a in kept])
 
 
-def _read_tiff(path: Path, level: int) -> tuple[Any, tuple[int, int]]:
+def _bit_depth(peak: int) -> int:
+    """Bits a 16-bit image's values use, from its largest value: 8, 10, 12, 14 or 16.
+
+    Examples
+    --------
+    >>> _bit_depth(255), _bit_depth(4000), _bit_depth(65535)
+    (8, 12, 16)
+    """
+    return next((bits for bits in (8, 10, 12, 14) if peak < 2**bits), 16)
+
+
+def _tiff_peak(path: Path, n_levels: int) -> int:
+    """Largest value of a TIFF, read on its smallest pyramid level (the whole image once when there is one level)."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    with reading(path, "TIFF image"):
+        store = tifffile.imread(path, aszarr=True, series=0, level=n_levels - 1)
+        return int(da.from_zarr(zarr.open(store, mode="r")).max().compute())
+
+
+def _read_tiff(path: Path, level: int) -> tuple[Any, tuple[int, int], int | None]:
     import dask.array as da
     import tifffile
     import zarr
@@ -69,13 +91,43 @@ def _read_tiff(path: Path, level: int) -> tuple[Any, tuple[int, int]]:
         store = tifffile.imread(path, aszarr=True, series=0, level=level)
         arr = da.from_zarr(zarr.open(store, mode="r"))
     full = dict(zip(axes, shapes[0], strict=True))
-    return _tiff_yxs(arr, axes, path), (int(full["Y"]), int(full["X"]))
+    peak = _tiff_peak(path, len(shapes)) if arr.dtype == np.uint16 else None
+    return _tiff_yxs(arr, axes, path), (int(full["Y"]), int(full["X"])), peak
+
+
+def _png_16bit_colour(path: Path) -> np.ndarray | None:
+    """Return a 16-bit RGB(A) PNG's pixels at full depth (Pillow keeps only the high byte), ``None`` for other files.
+
+    Decoded with ``imagecodecs`` (installed with tifffile's codecs); without it, ``None`` with a warning (Pillow's
+    high 8 bits are then read, which loses an image whose values use fewer bits).
+    """
+    from PIL import Image
+
+    with reading(path, "image"), Image.open(path) as im:
+        rawmode = im.tile[0][3] if im.format == "PNG" and im.tile else ""
+        if not (isinstance(rawmode, str) and rawmode in ("RGB;16B", "RGBA;16B")):
+            return None
+    try:
+        import imagecodecs
+    except ImportError:
+        warn(
+            f"{path} is a 16-bit colour PNG; without the imagecodecs package only its high 8 bits are read, which "
+            "loses an image whose values use fewer bits (12-bit data reads nearly black). Install imagecodecs, or "
+            "save the image as a 16-bit TIFF.",
+            stacklevel=5,
+        )
+        return None
+    with reading(path, "image"):
+        return np.asarray(imagecodecs.png_decode(path.read_bytes()))
 
 
 def _read_pillow(path: Path) -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None
+    deep = _png_16bit_colour(path)
+    if deep is not None:
+        return deep
     with reading(path, "image"), Image.open(path) as im:
         im.load()
         if im.mode == "P":  # palette: expand, keeping a transparent colour as alpha
@@ -110,18 +162,34 @@ def read_image(path: str | os.PathLike, *, level: int = 0) -> tuple[Any, tuple[i
     The image and the ``(height, width)`` of pyramid level 0.
     """
     path = Path(path)
+    peak = None
     if path.suffix.lower() in TIFF_SUFFIXES:
-        arr, full = _read_tiff(path, level)
+        arr, full, peak = _read_tiff(path, level)
     elif level != 0:
         raise ValueError(f"{path} is not a TIFF; only level=0 can be read from it.")
     else:
         arr = _read_pillow(path)
         full = (arr.shape[0], arr.shape[1])
-    return as_uint8_rgb(arr, what=str(path)), full
+    return as_uint8_rgb(arr, what=str(path), peak=peak), full
 
 
-def _as_uint8(image: Any, what: str) -> Any:
-    """Scale an image of any integer or float type to uint8 (lazily for dask arrays)."""
+def _uint16_as_uint8(image: Any, what: str, peak: int | None) -> Any:
+    """Scale a 16-bit image to uint8 by the bit depth its values use (:func:`_bit_depth` of the largest value)."""
+    if peak is None:
+        peak = int(image.max()) if isinstance(image, np.ndarray) else int(image.max().compute())
+    bits = _bit_depth(peak)
+    if bits < 16:
+        warn(
+            f"{what} is a 16-bit image whose values use {bits} bits (largest value {peak}): read as {bits}-bit data, "
+            f"0-{2**bits - 1} scaled to 0-255 (scaled as 16-bit it would be nearly black). If it is a dark 16-bit "
+            "image, convert it to 8-bit yourself.",
+            stacklevel=5,
+        )
+    return (image.astype(np.float32) * (255.0 / (2**bits - 1))).round().clip(0, 255).astype(np.uint8)
+
+
+def _as_uint8(image: Any, what: str, peak: int | None = None) -> Any:
+    """Scale an image of any integer or float type to uint8 (lazily for dask arrays; ``peak``: the largest value)."""
     dtype = image.dtype
     if dtype == np.uint8:
         return image
@@ -129,7 +197,7 @@ def _as_uint8(image: Any, what: str) -> Any:
         return image.astype(np.uint8) * np.uint8(255)
     lazy = not isinstance(image, np.ndarray)
     if np.issubdtype(dtype, np.unsignedinteger) and dtype.itemsize == 2:
-        return (image.astype(np.float32) * (255.0 / 65535.0)).round().astype(np.uint8)
+        return _uint16_as_uint8(image, what, peak)
     if lazy:
         raise StemstDataError(f"{what}: cannot read an H&E image of dtype {dtype}; expected 8- or 16-bit RGB.")
     finite = np.isfinite(image) if np.issubdtype(dtype, np.floating) else np.ones(image.shape, bool)
@@ -148,10 +216,12 @@ def _as_uint8(image: Any, what: str) -> Any:
     )
 
 
-def as_uint8_rgb(image: Any, *, what: str) -> Any:
+def as_uint8_rgb(image: Any, *, what: str, peak: int | None = None) -> Any:
     """Convert a ``(y, x)`` or ``(y, x, channels)`` image of any common bit depth and mode to ``(y, x, 3)`` uint8.
 
-    16-bit values are scaled by 255 / 65535, floats in [0, 1] by 255. An alpha channel is composited over white
+    16-bit values are scaled by 255 / 65535, floats in [0, 1] by 255. A 16-bit image whose largest value fits in
+    fewer bits (8, 10, 12 or 14: a camera's 12-bit data in a 16-bit file) is scaled by that depth instead, with a
+    :class:`~stemst.StemstWarning`, so that it is not read nearly black (or, with 8-bit values, blank). An alpha channel is composited over white
     (transparent = glass). Greyscale is copied into the three channels, with a :class:`~stemst.StemstWarning`:
     encoders expect stained colour, and a greyscale file is often the wrong file (a mask, a fluorescence channel).
 
@@ -161,6 +231,8 @@ def as_uint8_rgb(image: Any, *, what: str) -> Any:
         numpy or dask array.
     what
         How to name the image in messages (a file path, an AnnData key).
+    peak
+        The largest value of a 16-bit image, if known (a pyramid's smallest level gives it cheaply); else computed.
 
     Returns
     -------
@@ -177,7 +249,7 @@ def as_uint8_rgb(image: Any, *, what: str) -> Any:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
         raise StemstDataError(f"{what}: expected a (y, x, 3) RGB image, got shape {image.shape}.")
-    image = _as_uint8(image, what)
+    image = _as_uint8(image, what, peak)
     if image.shape[-1] in (2, 4):
         alpha = image[:, :, -1:].astype(np.float32) / 255.0
         image = (image[:, :, :-1].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
@@ -206,13 +278,16 @@ def thumbnail(image: Any, max_side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, i
     return np.asarray(image[:, ::step, ::step]), step
 
 
-def check_not_blank(thumb: np.ndarray, *, what: str) -> None:
-    """Raise if the image holds no picture: every pixel (of the thumbnail) within :data:`BLANK_RANGE` grey levels."""
+def check_not_blank(thumb: np.ndarray, *, what: str, hint: str = "") -> None:
+    """Raise if the image holds no picture: every pixel (of the thumbnail) within :data:`BLANK_RANGE` grey levels.
+
+    ``hint`` ends the message (another image to try).
+    """
     lo, hi = int(thumb.min()), int(thumb.max())
     if hi - lo <= BLANK_RANGE:
         raise StemstDataError(
             f"{what} is blank (every pixel between {lo} and {hi}): a placeholder or an empty export, not an H&E "
-            "image. Use the real H&E image of this section."
+            f"image. Use the real H&E image of this section.{' ' + hint if hint else ''}"
         )
 
 
@@ -226,7 +301,7 @@ def _on_tissue(smoothed: np.ndarray, xy: np.ndarray) -> float:
 
 
 def check_spots_on_tissue(
-    image: Any, coords: np.ndarray, spot_diameter_px: float, *, what: str, stacklevel: int = 4
+    image: Any, coords: np.ndarray, spot_diameter_px: float, *, what: str, stacklevel: int = 4, blank_hint: str = ""
 ) -> float:
     """Check that the spots sit on tissue; raise for a blank image, warn when most spots are on background.
 
@@ -247,6 +322,8 @@ def check_spots_on_tissue(
         How to name the section and its image in messages.
     stacklevel
         Passed on to the warning.
+    blank_hint
+        Ends the message about a blank image (another image to try).
 
     Returns
     -------
@@ -262,7 +339,7 @@ def check_spots_on_tissue(
     from stemst.pp._grid import tissue_mask
 
     thumb, step = thumbnail(image)
-    check_not_blank(thumb, what=what)
+    check_not_blank(thumb, what=what, hint=blank_hint)
     if (thumb == thumb[:1]).all():
         return float("nan")  # greyscale (warned when read): no stain colour to tell tissue from glass
     window = max(1, int(round(spot_diameter_px / step)))

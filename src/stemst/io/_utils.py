@@ -74,12 +74,13 @@ def build(
     image_label: str,
     obs: pd.DataFrame | None = None,
     extra: Mapping[str, Any] | None = None,
+    blank_hint: str = "",
 ) -> Any:
     """Scale full-resolution spot centres ``(x, y)`` into the kept image and build a one-section SpatialData.
 
     ``scale`` is ``(sx, sy)``: pixels of the kept image per full-resolution pixel. An image in memory is checked
     (:func:`~stemst.io._image.check_spots_on_tissue`, ``image_label`` naming it): a blank image raises, spots mostly
-    on background warn. Lazy images are checked by :func:`stemst.pp.embed_patches`, which reads a coarse level.
+    on background warn (``blank_hint``: another image to try, said when the image is blank). Lazy images are checked by :func:`stemst.pp.embed_patches`, which reads a coarse level.
     """
     sx, sy = float(scale[0]), float(scale[1])
     if not (np.isfinite(sx) and np.isfinite(sy) and sx > 0 and sy > 0):
@@ -109,5 +110,6 @@ def build(
             part.info.spot_diameter_px,
             what=f"Section {section!r} ({image_label})",
             stacklevel=5,
+            blank_hint=blank_hint,
         )
     return assemble([part])

@@ -28,6 +28,12 @@ IMAGE_FILES = {"hires": "tissue_hires_image.png", "lowres": "tissue_lowres_image
 POSITION_COLUMNS = ["in_tissue", "array_row", "array_col"]
 #: spots with counts but no position beyond this fraction mean mismatched files or a positions file cut short
 MAX_UNPLACED = 0.01
+#: another image to try when the chosen one is blank
+BLANK_HINTS = {
+    "hires": "Try the other images of the folder: image='lowres', or image='fullres' with fullres_image_file=.",
+    "lowres": "Try image='hires', or image='fullres' with fullres_image_file=.",
+    "fullres": "Try image='hires' or image='lowres', or check fullres_image_file.",
+}
 #: spatialdata-io's warning about a column it converts itself; not something the user can act on
 _SDIO_NOISE = "Converting `region_key: region` to categorical dtype"
 
@@ -235,7 +241,8 @@ def visium(
         If counts and positions disagree (in-tissue spots without counts, many spots without a position), spots fall
         outside the image, or counts are not raw integers.
     StemstFileError
-        If a file cannot be read (truncated, corrupt, a greyscale PNG that spatialdata-io cannot read).
+        If a file cannot be read (truncated, corrupt, a greyscale PNG that spatialdata-io cannot read), or the counts
+        matrix holds no genes.
 
     Warns
     -----
@@ -299,6 +306,12 @@ def visium(
         tissue_positions_file=positions_file.relative_to(path),
     )
     adata = raw.tables["table"]
+    if adata.n_vars == 0:
+        raise StemstFileError(
+            counts_path,
+            f"holds no genes ({adata.n_obs} barcodes x 0 features): nothing to train on or predict. Use the counts "
+            "matrix Space Ranger wrote for this run (filtered_feature_bc_matrix.h5), copied whole.",
+        )
     adata.obs_names = adata.obs_names.astype(str)
     if adata.obs_names.has_duplicates:
         dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
@@ -335,6 +348,7 @@ def visium(
         + ("1 (full resolution)" if image == "fullres" else f"'tissue_{image}_scalef'"),
         obs=adata.obs[["array_row", "array_col"]].astype(np.int32),
         extra={"platform": "10x Visium", "image": image, "library_id": library_id or ""},
+        blank_hint=BLANK_HINTS[image],
     )
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from stemst._atomic import check_destination
+from stemst._errors import StemstFileError
 from stemst._logging import logger
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import reading
@@ -32,6 +33,10 @@ from stemst.model.config import TrainingConfig
 from stemst.model.module import DiffusionModel
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: what a checkpoint holds
+CHECKPOINT_KEYS = ("run", "module", "ema", "optimizer", "rng", "step", "history")
+#: training stops when the loss exceeds this multiple of its first value (a diverging run: lr too high)
+DIVERGENCE_FACTOR = 1e6
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -181,6 +186,26 @@ def _run_description(module: DiffusionModel, run_info: dict[str, Any] | None) ->
     return json.loads(json.dumps(desc))
 
 
+def _check_loss(
+    values: np.ndarray, step: int, reference: float, config: TrainingConfig, last_ckpt: int | None, ckpt: Path | None
+) -> None:
+    """Stop a run whose losses (those of the steps up to ``step``) are NaN or infinite or have exploded.
+
+    A loss above :data:`DIVERGENCE_FACTOR` times ``reference`` (the run's first loss) is a diverged run.
+    """
+    diverged = ~np.isfinite(values) | (values > DIVERGENCE_FACTOR * max(abs(reference), 1e-8))
+    bad = np.flatnonzero(diverged)
+    if not bad.size:
+        return
+    first = step - len(values) + int(bad[0]) + 1
+    where = f"; the last good checkpoint (step {last_ckpt}) is in {ckpt}" if last_ckpt else ""
+    what = "became" if not np.isfinite(values[bad[0]]) else f"exploded from {reference:.4g} to"
+    raise FloatingPointError(
+        f"The training loss {what} {values[bad[0]]:.4g} at step {first}: training diverged{where}. Lower lr "
+        f"(lr={config.lr:g} here), keep max_grad_norm set, or check the inputs for extreme values."
+    )
+
+
 def train(
     module: DiffusionModel,
     cond: torch.Tensor,
@@ -233,7 +258,8 @@ def train(
     Raises
     ------
     FloatingPointError
-        If the loss becomes NaN or infinite; the message names the step, and the last checkpoint (if any) is kept.
+        If the loss becomes NaN or infinite, or explodes (above :data:`DIVERGENCE_FACTOR` times its first value); the
+        message names the step and ``lr``, and the last checkpoint (if any) is kept.
 
     Examples
     --------
@@ -284,14 +310,22 @@ def train(
     if resume and ckpt.exists():
         with reading(ckpt, "training checkpoint", hint="Delete it to start afresh, or point checkpoint_dir elsewhere."):
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise StemstFileError(
+                ckpt,
+                f"is not a whole stemst training checkpoint: it lacks {missing}. Delete it to start afresh, or point "
+                "checkpoint_dir elsewhere.",
+            )
         old = json.loads(state["run"])
         diff = [k for k in sorted(run.keys() | old.keys()) if old.get(k) != run.get(k)]
         if diff:
             raise ValueError(f"Cannot resume from {ckpt}: the settings differ in {diff}.")
-        module.load_state_dict(state["module"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"])
+        with reading(ckpt, "training checkpoint of this model", hint="Delete it to start afresh."):
+            module.load_state_dict(state["module"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["rng"])
         step = last_ckpt = int(state["step"])
         history = json.loads(state["history"])
         logger.info("Resuming from %s at step %d", ckpt, step)
@@ -317,6 +351,7 @@ def train(
     cond, y = cond.to(dev), y.to(dev)
     t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
     losses, mses = [], []
+    reference = None  # the first loss of the run, which a diverging run's loss leaves far behind
     stopped = False
     bar = tqdm(
         total=config.steps, initial=step, desc=f"fit {module.network.architecture}", disable=not (progress and main)
@@ -332,14 +367,9 @@ def train(
             at_checkpoint = ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps)
             if step % config.log_every == 0 or step == config.steps or at_checkpoint:
                 values = torch.stack(losses).cpu().numpy()
-                bad = np.flatnonzero(~np.isfinite(values))
-                if bad.size:
-                    first = step - len(values) + int(bad[0]) + 1
-                    where = f"; the last good checkpoint (step {last_ckpt}) is in {ckpt}" if last_ckpt else ""
-                    raise FloatingPointError(
-                        f"The training loss became {values[bad[0]]} at step {first}{where}. Lower lr, keep "
-                        "max_grad_norm set, or check the inputs for extreme values."
-                    )
+                if reference is None:
+                    reference = float(history[0]["loss"]) if history else float(values[0])
+                _check_loss(values, step, reference, config, last_ckpt, ckpt)
                 entry = {
                     "step": step,
                     "loss": float(values.mean()),

@@ -11,6 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stemst._docs import doc_params, doc_table_key
+from stemst._errors import warn
 from stemst._logging import logger
 from stemst._schema import (
     N_SECTIONS_KEY,
@@ -20,6 +21,7 @@ from stemst._schema import (
     UNS_KEY,
     StemstDataError,
     check_key_free,
+    check_raw_counts,
     get_table,
     section_mask,
 )
@@ -162,6 +164,16 @@ def _unmeasured(adata: ad.AnnData, genes: Sequence[str], train: list[str]) -> di
     return out
 
 
+def _warn_capped(n_genes: int, available: int, what: str, remedy: str) -> None:
+    """Warn that a panel of ``n_genes`` cannot be had from ``available`` genes; the panel takes them all."""
+    if n_genes > available:
+        warn(
+            f"select_genes: n_genes={n_genes} exceeds the {available} {what}; the panel has at most {available} "
+            f"genes. Ask for fewer genes{' or ' + remedy if remedy else ''}.",
+            stacklevel=4,
+        )
+
+
 @doc_params(table_key=doc_table_key)
 def select_genes(
     data: Any,
@@ -199,7 +211,8 @@ def select_genes(
         variable in several sections rank first; ``seurat_v3`` would need the optional ``scikit-misc``), minus
         ``exclude``.
     n_genes
-        Target panel size.
+        Target panel size (>= 1); when fewer genes are eligible (the ``"hmhvg"`` candidates, the genes expressed),
+        the panel takes them all, with a :class:`~stemst.StemstWarning`.
     genes
         Use this panel instead of choosing one (validated: every gene must be in the table and measured in every
         training section).
@@ -224,7 +237,8 @@ def select_genes(
     Raises
     ------
     StemstDataError
-        If a panel gene was not measured in a training section.
+        If a panel gene was not measured in a training section, or if ``X`` of the training sections does not hold
+        raw counts (NaN or infinite, negative or non-integer values: normalised or log-transformed data).
 
     Examples
     --------
@@ -243,6 +257,11 @@ def select_genes(
         check_key_free(adata, "uns", key_added, owned=owned)
     train = _resolve_train(adata, train_sections)
     mask = section_mask(adata, train)
+    if genes is None and (isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1):
+        raise ValueError(f"n_genes must be a whole number >= 1, got {n_genes!r}.")
+    check_raw_counts(
+        adata.X[mask], what=f"X of table {table_key!r}", sections_=adata.obs[SECTION_KEY].astype(str).to_numpy()[mask]
+    )
     var_names = pd.Index(adata.var_names.astype(str))
     params: dict[str, Any] = {"train_sections": train, "exclude": list(exclude)}
     checked = var_names.tolist() if genes is None else [str(g) for g in genes if str(g) in var_names]
@@ -255,11 +274,16 @@ def select_genes(
             raise KeyError(f"{len(missing)} panel genes are not in the table, e.g. {missing[:10]}.")
         params["method"] = "given"
     elif method == "hmhvg":
-        if n_genes < 1:
-            raise ValueError(f"n_genes must be positive, got {n_genes}.")
         candidates = _top_hvg_per_section(adata, train, n_top_hvg)
         keep = var_names.isin(list(candidates)) & usable
         cols = np.flatnonzero(keep)
+        _warn_capped(
+            n_genes,
+            len(cols),
+            f"candidate genes (the union of each training section's top n_top_hvg={n_top_hvg} highly variable genes, "
+            "minus the excluded prefixes)",
+            "raise n_top_hvg",
+        )
         mean, std = _column_stats(adata.X[mask][:, cols])
         idx, n_used = hmhvg_intersection(mean, std, min(n_genes, len(cols)))
         panel = var_names[cols[idx]].tolist()
@@ -274,6 +298,7 @@ def select_genes(
             var=pd.DataFrame(index=var_names[keep]),
         )
         sc.pp.filter_genes(sub, min_cells=1)
+        _warn_capped(n_genes, sub.n_vars, "genes expressed in the training sections (minus the excluded prefixes)", "")
         sc.pp.normalize_total(sub)
         sc.pp.log1p(sub)
         batch = SECTION_KEY if len(train) > 1 else None

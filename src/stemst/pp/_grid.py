@@ -40,6 +40,14 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
+def check_spacing(spacing_um: Any) -> None:
+    """Refuse a grid spacing that is not a positive, finite number of micrometres."""
+    if isinstance(spacing_um, bool) or not (
+        isinstance(spacing_um, int | float | np.number) and np.isfinite(spacing_um) and spacing_um > 0
+    ):
+        raise ValueError(f"spacing_um must be a positive number of micrometres, got {spacing_um!r}.")
+
+
 def grid_spots(
     sdata: Any,
     section: str,
@@ -48,16 +56,21 @@ def grid_spots(
     table_key: str = TABLE_KEY,
     microns_per_pixel: float | None = None,
     min_tissue: float = 0.25,
+    max_spots: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Centres ``(x, y)`` (full-resolution pixels) of a square grid of pseudo-spots over the tissue of ``section``.
 
     A grid point is kept when at least ``min_tissue`` of the pixels of its cell (at the coarsest pyramid level) are
     tissue (:func:`tissue_mask`). Returns the centres and the pixel spacing.
 
+    With ``max_spots``, a grid estimated (grid points x tissue fraction) to hold more spots than that is refused
+    before it is laid out, with the estimate and the spacing that would fit.
+
     Examples
     --------
     >>> centres, step = stemst.pp.grid_spots(sdata, "C7", spacing_um=100)  # doctest: +SKIP
     """
+    check_spacing(spacing_um)
     if microns_per_pixel is None:
         microns_per_pixel = section_info(get_table(sdata, table_key), section).microns_per_pixel
     full = get_image(sdata, section, scale=0)
@@ -69,6 +82,14 @@ def grid_spots(
     if step < 1:
         raise ValueError(f"spacing_um={spacing_um} is below one pixel ({microns_per_pixel:.3g} µm/px).")
     xs, ys = np.arange(step / 2, w0, step), np.arange(step / 2, h0, step)
+    estimate = int(len(xs) * len(ys) * mask.mean())
+    if max_spots is not None and estimate > max_spots:
+        fits = spacing_um * float(np.sqrt(estimate / max_spots))
+        raise ValueError(
+            f"spacing_um={spacing_um:g} lays about {estimate:,} grid spots over the tissue of section {section!r}, "
+            f"more than max_spots={max_spots:,} (each is a patch to embed and predict). Use a coarser spacing (about "
+            f"{fits:.0f} µm gives {max_spots:,}) or raise max_spots."
+        )
     centres, half = [], max(0.5, step / factor / 2)
     for y in ys:
         for x in xs:

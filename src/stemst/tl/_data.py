@@ -15,7 +15,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stemst._logging import logger
-from stemst._schema import PANEL_KEY, SECTION_KEY, SPATIAL_KEY, TABLE_KEY, StemstDataError, get_table, section_mask
+from stemst._schema import (
+    PANEL_KEY,
+    SECTION_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    StemstDataError,
+    check_raw_counts,
+    get_table,
+    section_mask,
+)
 
 
 def as_tables(data: Any, table_key: str = TABLE_KEY) -> list[ad.AnnData]:
@@ -65,18 +74,38 @@ def get_embeddings(adata: ad.AnnData, embedding_key: str, *, views: bool = False
     return x
 
 
+def _counts_name(layer: str | None) -> str:
+    return f"The counts layers[{layer!r}]" if layer else "The counts table's X"
+
+
+def _sections_of(adata: ad.AnnData) -> np.ndarray | None:
+    return adata.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in adata.obs else None
+
+
 def get_counts(adata: ad.AnnData, genes: Sequence[str], *, layer: str | None = None) -> np.ndarray:
-    """Raw counts of ``genes`` as a dense float64 array (from ``X`` or ``layers[layer]``)."""
+    """Raw counts of ``genes`` as a dense float64 array (from ``X`` or ``layers[layer]``).
+
+    Raises
+    ------
+    StemstDataError
+        If the values are not raw counts (NaN or infinite, negative, non-integer: normalised or log-transformed data);
+        every value of the panel is checked (:func:`stemst._schema.check_raw_counts`).
+    """
     sub = adata[:, list(genes)]
     m = sub.layers[layer] if layer else sub.X
     m = m.toarray() if sp.issparse(m) else np.asarray(m)
+    what = f"{_counts_name(layer)} (panel genes)"
+    check_raw_counts(m, what=what, sections_=_sections_of(adata))
     return m.astype(np.float64)
 
 
 def library_size(adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
-    """Total counts of each spot over all genes."""
+    """Total counts of each spot over all genes; refused when a spot's total is NaN or infinite."""
     m = adata.layers[layer] if layer else adata.X
-    return np.asarray(m.sum(axis=1)).ravel().astype(np.float64)
+    total = np.asarray(m.sum(axis=1)).ravel().astype(np.float64)
+    if not np.isfinite(total).all():
+        check_raw_counts(m, what=_counts_name(layer), sections_=_sections_of(adata))
+    return total
 
 
 def get_targets(adata: ad.AnnData, genes: Sequence[str], transform: str, *, layer: str | None = None) -> np.ndarray:

@@ -15,6 +15,7 @@ from stemst._atomic import check_destination
 from stemst._errors import warn
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
 from stemst._schema import embedding_key as _embedding_key
+from stemst._torch import resolve_device
 from stemst._utils import RNGLike, as_seed
 from stemst.model import (
     DiffusionConfig,
@@ -31,7 +32,7 @@ from stemst.model.joint import gather, pack
 from stemst.model.losses import Parameterization
 from stemst.tl._data import TrainingSet, as_tables, training_pairs
 from stemst.tl._model import StemstModel
-from stemst.tl._validation import EarlyStopping, holdout_groups, joint_space, prepare_head
+from stemst.tl._validation import N_BLOCKS, EarlyStopping, holdout_groups, joint_space, prepare_head
 from stemst.tl._validation import calibrate as calibrate_spread
 
 
@@ -66,10 +67,34 @@ def check_spread(ts: TrainingSet) -> None:
         raise StemstDataError("Every training spot has the same embedding; re-embed the spots (wrong image?).")
 
 
+def check_cross_fitting(groups: np.ndarray) -> None:
+    """Refuse too few spots for the mean head: it is cross-fitted by group, each fit on at least 2 other spots."""
+    names, sizes = np.unique(groups, return_counts=True)
+    if len(names) < 2 or (len(groups) - sizes).min() < 2:
+        raise StemstDataError(
+            f"fit with the mean head (head=True) cross-fits it over groups of spots (the sections, or {N_BLOCKS} "
+            f"spatial blocks of a single section of at least {4 * N_BLOCKS} spots), fitting each without its own "
+            f"group on at least 2 other spots: the {len(groups)} training spots make {len(names)} group(s) of "
+            f"{sizes.tolist()} spots. Train on more spots or sections, or pass head=False."
+        )
+
+
 def default_embedding_key(data: Any, table_key: str = TABLE_KEY) -> str:
-    """``X_efficientnet_lite0_context`` when :func:`stemst.pp.spatial_context` made it, else ``X_efficientnet_lite0``."""
+    """Return the embeddings :func:`fit` uses by default.
+
+    ``X_efficientnet_lite0_context`` when :func:`stemst.pp.spatial_context` made it, else ``X_efficientnet_lite0``;
+    when the table has neither, the embedding of the one other encoder it was embedded with (its context features if
+    made), so that a table prepared with another encoder (``stemst prepare --encoder color_stats``) is found.
+    """
+    table = as_tables(data, table_key)[0]
     key = _embedding_key("efficientnet_lite0")
-    return context_key(key) if context_key(key) in as_tables(data, table_key)[0].obsm else key
+    for candidate in (context_key(key), key):
+        if candidate in table.obsm:
+            return candidate
+    made = [k for k in dict(table.uns.get(UNS_KEY, {}).get("embeddings", {})) if k in table.obsm]
+    contexts = [k for k in made if k.endswith(context_key(""))]
+    chosen = contexts or made
+    return chosen[0] if len(chosen) == 1 else key
 
 
 def fit(
@@ -142,7 +167,8 @@ def fit(
         SpatialData, AnnData, or a list of them, with ``obsm[embedding_key]`` (see :func:`stemst.pp.embed_patches`).
     embedding_key
         The embeddings; default: the spatial-context features of the default encoder when
-        :func:`stemst.pp.spatial_context` made them, else its plain embeddings.
+        :func:`stemst.pp.spatial_context` made them, else its plain embeddings; when the table was embedded with one
+        other encoder only, that encoder's (see :func:`default_embedding_key`).
     genes, sections, transform
         The gene panel (``None``: ``var['stemst_panel']``; a boolean ``var`` column or names), the sections to
         train on (default all) and the target transform (:func:`stemst.pp.transform_counts`).
@@ -200,7 +226,11 @@ def fit(
     Raises
     ------
     FloatingPointError
-        If the loss becomes NaN or infinite; the message names the step, and the last checkpoint (if any) is kept.
+        If the loss becomes NaN or infinite or explodes (a diverged run, e.g. ``lr`` far too high); the message names
+        the step and ``lr``, and the last checkpoint (if any) is kept.
+    StemstDataError
+        If the counts are not raw counts (NaN or infinite, negative, or non-integer values, e.g. after
+        ``sc.pp.normalize_total`` + ``sc.pp.log1p``).
 
     Examples
     --------
@@ -210,6 +240,7 @@ def fit(
     >>> stemst.tl.predict(model, sdata, sections="C6")  # doctest: +SKIP
     """
     distributed.init()
+    resolve_device(device)  # a device this machine lacks is refused before any work
     if architecture == "auto":  # no default with unmeasured quality: the transformer is an option until measured
         architecture = "mlp"
     network = NetworkConfig(
@@ -268,6 +299,8 @@ def fit(
     )
     check_spread(ts)
     groups, held = holdout_groups(ts, validation)
+    if diffusion.head_pcs:
+        check_cross_fitting(groups)
     cond, y = torch.as_tensor(pairs), torch.as_tensor(ts.Y)
     diffusion = diffusion.fitted(len(ts.X), ts.X.shape[1])
     joint = network.architecture == "neighbourhood"

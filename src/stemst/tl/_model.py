@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from stemst._atomic import Swap, check_destination, recover, replacing
+from stemst._errors import StemstFileError
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import RNGLike, read_json, reading
 from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig
@@ -41,6 +42,32 @@ def _upgrade_format_1(config: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     }
     state = {k.removeprefix("stats."): v for k, v in tensors.items()}
     return new, state
+
+
+def _check_format(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a model folder whose ``config.json`` has no known format version, saying what to do."""
+    from stemst import __version__
+
+    version = meta.get("format_version")
+    if version in (1, FORMAT_VERSION):
+        return
+    if version is None or "stemst_version" not in meta:
+        raise StemstFileError(
+            path / CONFIG_FILE,
+            f"has no {'format_version' if version is None else 'stemst_version'}: it was not written by "
+            "StemstModel.save, or was edited. Restore the folder from a copy, or save the model again.",
+        )
+    writer = meta["stemst_version"]
+    remedy = (
+        "The file was edited (this very version writes other formats): restore it, or save the model again."
+        if str(writer) == __version__
+        else f"Load it with stemst {writer}, which wrote it, or upgrade stemst."
+    )
+    raise StemstFileError(
+        path / CONFIG_FILE,
+        f"is in model format {version!r}, written by stemst {writer}; this stemst ({__version__}) reads formats 1 "
+        f"to {FORMAT_VERSION}. {remedy}",
+    )
 
 
 class StemstModel(Predictor):
@@ -309,25 +336,22 @@ class StemstModel(Predictor):
             Where to put the weights; ``"auto"``: CUDA if available, else CPU.
         """
         path = Path(path)
+        dev = resolve_device(device)
         recover(Swap.of(path))
         if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{path} is not a saved stemst model (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
         meta = read_json(path / CONFIG_FILE, what="stemst model settings")
-        version = meta.get("format_version")
-        if version not in (1, FORMAT_VERSION):
-            writer = f"stemst {meta['stemst_version']}" if "stemst_version" in meta else "an unknown stemst version"
-            raise ValueError(
-                f"{path} is in model format {version}, written by {writer}; this stemst reads formats 1 to "
-                f"{FORMAT_VERSION}. Load it with the stemst version that wrote it, or upgrade stemst."
-            )
-        with reading(
-            path / WEIGHTS_FILE, "stemst model weights", hint="Save the model again, or copy the folder anew."
-        ):
+        _check_format(path, meta)
+        hint = "Save the model again, or copy the folder anew."
+        with reading(path / WEIGHTS_FILE, "stemst model weights", hint=hint):
             state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        config = meta["config"]
-        if version == 1:
-            config, state = _upgrade_format_1(config, state)
-        return cls.from_config(config, state, history=meta.get("history")).to(device)
+        # settings and weights that do not fit together (an edited config, weights from another model)
+        with reading(path, f"stemst model: {CONFIG_FILE} and {WEIGHTS_FILE} do not match", hint=hint):
+            config = meta["config"]
+            if meta["format_version"] == 1:
+                config, state = _upgrade_format_1(config, state)
+            model = cls.from_config(config, state, history=meta.get("history"))
+        return model.to(dev)
 
     def __repr__(self) -> str:
         net = self.module.network

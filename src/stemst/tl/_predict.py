@@ -43,6 +43,45 @@ STD_LAYER = "std"
 COUNTS_LAYER = "counts"
 #: obsm slot with the samples, ``(n_spots, n_samples, n_genes)``
 SAMPLES_KEY = "samples"
+#: :func:`predict` refuses to start when its samples would need more memory than this (GB; ``max_memory_gb``)
+MAX_MEMORY_GB = 16.0
+#: ... and warns above this
+WARN_MEMORY_GB = 2.0
+#: :func:`predict_image` refuses a grid of more pseudo-spots than this (``max_spots``) and warns above a fifth of it
+MAX_GRID_SPOTS = 50_000
+
+
+def sample_memory_gb(n_spots: int, n_samples: int, n_genes: int, *, keep_samples: bool = True) -> float:
+    """Return the memory (GB) :func:`predict` holds at its peak for these samples.
+
+    The float32 samples, back-transformed, their deviations and the copy stored in ``obsm`` (with ``keep_samples``).
+
+    Examples
+    --------
+    >>> round(sample_memory_gb(10_000, 1000, 100), 1)
+    16.0
+    """
+    copies = 3 + int(keep_samples)
+    return copies * 4.0 * n_spots * n_samples * n_genes / 1e9
+
+
+def _check_n_samples(n_samples: Any) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        raise ValueError(f"n_samples must be a whole number >= 1, got {n_samples!r}.")
+
+
+def check_memory(n_spots: int, n_samples: int, n_genes: int, *, keep_samples: bool, max_memory_gb: float) -> None:
+    """Refuse a prediction whose samples exceed ``max_memory_gb``; warn above :data:`WARN_MEMORY_GB`."""
+    need = sample_memory_gb(n_spots, n_samples, n_genes, keep_samples=keep_samples)
+    sizes = f"{n_spots:,} spots x {n_samples:,} samples x {n_genes} genes"
+    if need > max_memory_gb:
+        raise StemstDataError(
+            f"Predicting {sizes} would hold about {need:.1f} GB of samples, more than max_memory_gb={max_memory_gb:g}. "
+            "Draw fewer samples (n_samples), predict fewer sections at a time, pass keep_samples=False, or raise "
+            "max_memory_gb if the machine has the memory."
+        )
+    if need > WARN_MEMORY_GB:
+        warn(f"Predicting {sizes} holds about {need:.1f} GB of samples in memory.", stacklevel=4)
 
 
 def _check_resolution(model: Predictor, src: ad.AnnData) -> None:
@@ -76,6 +115,7 @@ def predict(
     key_added: str | None = None,
     overwrite: bool = False,
     keep_samples: bool = True,
+    max_memory_gb: float = MAX_MEMORY_GB,
     rng: RNGLike = 0,
     progress: bool = True,
     **sample_kwargs: Any,
@@ -97,6 +137,9 @@ def predict(
     {overwrite}
     keep_samples
         Store the samples in ``obsm['samples']``.
+    max_memory_gb
+        Refuse to start when the samples (:func:`sample_memory_gb`: spots x samples x genes float32, about 4
+        copies at the peak) would need more memory than this; above :data:`WARN_MEMORY_GB` a warning says how much.
     {rng}
     {progress}
     **sample_kwargs
@@ -123,8 +166,7 @@ def predict(
 
     if not isinstance(model, Predictor):
         raise TypeError(f"model must be a stemst model or baseline, got {type(model).__name__}.")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    _check_n_samples(n_samples)
     key = key_added or (PREDICTION_KEY if model.method == "stemst" else f"{model.method.replace('+', '_')}_prediction")
     if not isinstance(data, ad.AnnData):
         check_table_key_free(data, key, overwrite=overwrite, counts_key=table_key)
@@ -135,8 +177,9 @@ def predict(
     src = src[mask]
     model.check_table(src)
     _check_resolution(model, src)
-    X = get_embeddings(src, model.embedding_key)
     n_draw = n_samples if model.stochastic else 1
+    check_memory(src.n_obs, n_draw, model.n_genes, keep_samples=keep_samples, max_memory_gb=max_memory_gb)
+    X = get_embeddings(src, model.embedding_key)
     logger.info("Predicting %d spots x %d genes with %s (%d samples)", len(X), model.n_genes, model.method, n_draw)
     if getattr(model, "spatial", False) and SPATIAL_KEY in src.obsm:  # the joint model samples neighbourhoods
         secs = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else None
@@ -208,6 +251,8 @@ def predict_image(
     overwrite: bool = False,
     n_samples: int = 20,
     batch_size: int | None = None,
+    max_spots: int = MAX_GRID_SPOTS,
+    max_memory_gb: float = MAX_MEMORY_GB,
     rng: RNGLike = 0,
     progress: bool = True,
     **sample_kwargs: Any,
@@ -244,6 +289,12 @@ def predict_image(
         Samples per spot (ignored, i.e. 1, for deterministic baselines).
     batch_size
         Patches per encoder forward pass (default: 16 on CPU, 256 on CUDA).
+    max_spots
+        Refuse a grid estimated to hold more pseudo-spots than this, before laying it out (each is a patch to embed
+        and sample; the message gives the spacing that fits); above a fifth of it a warning gives the number.
+    max_memory_gb
+        Refuse to start when the samples would need more memory than this (as in :func:`predict`), before the
+        patches are embedded.
     {rng}
     {progress}
     **sample_kwargs
@@ -265,12 +316,16 @@ def predict_image(
 
     from stemst._schema import section_info
     from stemst.pp import embed_patches, grid_spots, spatial_context
+    from stemst.pp._grid import check_spacing
 
     if encoder is None and not model.encoder.get("encoder"):
         raise StemstDataError(
             "The model does not record which encoder made its embeddings (fit it on a table embedded with "
             "stemst.pp.embed_patches, or pass encoder=); predict_image needs it to embed new patches the same way."
         )
+    _check_n_samples(n_samples)
+    if spacing_um is not None:
+        check_spacing(spacing_um)
     info = section_info(get_table(sdata, table_key), section)
     region, out_key = f"{section}_grid", key_added or f"{PREDICTION_KEY}_{section}_grid"
     grid_key = f"{region}_table"
@@ -283,9 +338,15 @@ def predict_image(
         patch_um = float(np.median(list(patch_um.values())))
     if spacing_um is None:
         spacing_um = float(patch_um) if patch_um else info.spot_diameter_um
-    centres, _ = grid_spots(sdata, section, spacing_um=spacing_um, table_key=table_key, min_tissue=min_tissue)
+    centres, _ = grid_spots(
+        sdata, section, spacing_um=spacing_um, table_key=table_key, min_tissue=min_tissue, max_spots=max_spots
+    )
     if not len(centres):
         raise StemstDataError(f"No tissue found in section {section!r}; lower min_tissue or check the image.")
+    if len(centres) > max_spots / 5:
+        warn(f"predict_image: {len(centres):,} grid spots {spacing_um:g} µm apart in section {section!r} to embed.")
+    n_draw = n_samples if model.stochastic else 1
+    check_memory(len(centres), n_draw, model.n_genes, keep_samples=True, max_memory_gb=max_memory_gb)
     ids = pd.Index([f"g{i}" for i in range(len(centres))])
     shapes = ShapesModel.parse(
         centres,
@@ -338,6 +399,7 @@ def predict_image(
         table_key=grid_key,
         key_added=out_key,
         n_samples=n_samples,
+        max_memory_gb=max_memory_gb,
         rng=rng,
         progress=progress,
         **sample_kwargs,
