@@ -98,7 +98,9 @@ def test_two_processes_prepare_train_and_resume_like_one(raw_store, tmp_path, mo
     assert config["history"][-1]["step"] > 10  # the resumed run went on training
     # the calibration: 3 chunks of C2 shared by the 2 processes, the same scales as one process drew
     cal, cal_ref = (stemst.tl.StemstModel.load(tmp_path / m).training["calibration"] for m in ("m20", "ref20"))
-    assert cal["n_spots"] == cal["n_held_out"] > 2 * 64 and cal["spread_median"] == pytest.approx(cal_ref["spread_median"], rel=1e-5)
+    assert cal["n_spots"] == cal["n_held_out"] > 2 * 64 and cal["spread_median"] == pytest.approx(
+        cal_ref["spread_median"], rel=1e-5
+    )
     torch.testing.assert_close(_weights(tmp_path / "m20")["spread"], _weights(tmp_path / "ref20")["spread"])
     held_out = [h["val_mse"] for h in config["history"] if "val_mse" in h]
     assert len(held_out) >= 2
