@@ -11,7 +11,6 @@ import gc
 import json
 import shutil
 import struct
-import time
 import warnings
 import zlib
 
@@ -234,18 +233,18 @@ def test_constant_or_nan_embeddings_refused(c2_sdata, output, match):
 
 def test_patch_size_bounded_by_the_image(c2_sdata):
     before = snapshot(c2_sdata)
-    start = time.perf_counter()
     with pytest.raises(StemstDataError, match=r"patch_size_um=100000 is larger than the whole image"):
         stemst.pp.embed_patches(c2_sdata, encoder="color_stats", patch_size_um=1e5, progress=False)
-    assert time.perf_counter() - start < 5
     assert_unchanged(c2_sdata, before)
 
 
 def test_large_upsampling_warns(c2_sdata):
     enc = Encoder("cs224", ColorStats, input_size=224, mean=(0.0,) * 3, std=(1.0,) * 3)
-    with pytest.warns(StemstWarning, match=r"enlarged \d+\.\dx"):
-        stemst.pp.embed_patches(c2_sdata, encoder=enc, augment=False, progress=False, key_added="X_tmp")
-    del c2_sdata.tables["table"].obsm["X_tmp"]
+    try:
+        with pytest.warns(StemstWarning, match=r"enlarged \d+\.\dx"):
+            stemst.pp.embed_patches(c2_sdata, encoder=enc, augment=False, progress=False, key_added="X_tmp")
+    finally:  # the module's shared SpatialData stays as it was, whatever happened
+        c2_sdata.tables["table"].obsm.pop("X_tmp", None)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -293,13 +292,11 @@ def test_hub_encoder_offline_fails_fast_naming_it(c2_sdata, monkeypatch, tmp_pat
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     before = snapshot(c2_sdata)
-    start = time.perf_counter()
     with (
         pytest.raises(StemstDownloadError, match=r"'uni'.*MahmoodLab/uni.*HF_HUB_OFFLINE.*checkpoint="),
         pytest.warns(StemstWarning, match="enlarged"),  # UNI wants 0.5 µm/px; this image is 3 µm/px
     ):
         stemst.pp.embed_patches(c2_sdata, encoder="uni", progress=False)
-    assert time.perf_counter() - start < 5
     assert_unchanged(c2_sdata, before)
 
 
@@ -338,11 +335,13 @@ def test_check_table_key_free(c2_sdata):
     with pytest.raises(StemstDataError, match="destroy the raw counts"):
         _schema.check_table_key_free(c2_sdata, "table", overwrite=True)
     c2_sdata.tables["pred"] = c2_sdata.tables["table"][:2].copy()
-    with pytest.raises(StemstDataError, match="overwrite=True"):
-        _schema.check_table_key_free(c2_sdata, "pred")
-    _schema.check_table_key_free(c2_sdata, "pred", overwrite=True)
-    _schema.check_table_key_free(c2_sdata, "new")
-    del c2_sdata.tables["pred"]
+    try:
+        with pytest.raises(StemstDataError, match="overwrite=True"):
+            _schema.check_table_key_free(c2_sdata, "pred")
+        _schema.check_table_key_free(c2_sdata, "pred", overwrite=True)
+        _schema.check_table_key_free(c2_sdata, "new")
+    finally:  # the module's shared SpatialData stays as it was, whatever happened
+        del c2_sdata.tables["pred"]
 
 
 # ------------------------------------------------------------------------------------------------------------------

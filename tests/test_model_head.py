@@ -65,12 +65,16 @@ def test_spread_scales_recover_known_factors():
     assert len(set(np.round(s_few, 6))) == 1
 
 
-@pytest.mark.parametrize("level", [0.5, 0.9])
-def test_interval_hits_known_answer(level):
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    # samples 1..100: the central 50% interval is [25.75, 75.25], the central 90% one [5.95, 95.05]
+    [(0.5, [True, False, False, False, False]), (0.9, [True, True, True, False, False])],
+)
+def test_interval_hits_known_answer(level, expected):
     samples = np.arange(1, 101, dtype=float)[:, None, None]  # 1..100
-    y = np.array([[50.0], [99.9], [0.0]])[None].reshape(3, 1)
-    hits = interval_hits(np.broadcast_to(samples, (100, 3, 1)), y, level).ravel()
-    assert hits.tolist() == [True, False, False]
+    y = np.array([50.0, 10.0, 90.0, 99.9, 0.0])[:, None]
+    hits = interval_hits(np.broadcast_to(samples, (100, 5, 1)), y, level).ravel()
+    assert hits.tolist() == expected
 
 
 def test_mlp_head_learns_a_nonlinear_map_and_lives_in_the_module():

@@ -69,9 +69,9 @@ def test_views_are_averaged_and_errors_named():
         stemst.pp.spatial_context(adata, embedding_key="X_enc")
 
 
-def test_context_on_real_her2st_grid(her2st_small):
+def test_context_on_real_her2st_grid(her2st_small, sdata_copy):
     """On the real ST grid the fitted spacing is the 200 µm array step, and every spot gets finite context."""
-    sdata = her2st_small
+    sdata = sdata_copy(her2st_small)  # the session's shared data stay as loaded
     table = sdata.tables["table"]
     rng = np.random.default_rng(0)
     table.obsm["X_fake"] = rng.normal(size=(table.n_obs, 4)).astype(np.float32)
@@ -82,3 +82,5 @@ def test_context_on_real_her2st_grid(her2st_small):
         assert 180 < um < 220  # the legacy ST array: 200 µm centre to centre
     assert table.obsm[key].shape == (table.n_obs, 12)
     assert np.isfinite(table.obsm[key]).all()
+    shared = her2st_small.tables["table"]
+    assert "X_fake" not in shared.obsm and key not in shared.obsm and "context" not in shared.uns.get("stemst", {})

@@ -41,11 +41,12 @@ def test_fit_holds_out_a_training_section_stops_early_and_calibrates(embedded, m
     # on the held-out section the calibrated intervals hold about their level (the raw ones far less or more)
     assert abs(cal["coverage_after"]["coverage_90"] - 0.9) < 0.05
     assert abs(cal["coverage_after"]["coverage_50"] - 0.5) < 0.08
-    # and on the unseen test section they are still close to nominal
-    key = predict(model, embedded, sections="C6", n_samples=20, rng=0, progress=False, key_added="cal_c6")
+    # out of sample: C6, used neither for training nor for calibration. Measured 0.52 / 0.89 (40 samples); the
+    # spread scaled by 0.5 gives 0.28 / 0.60, by 0.7 0.39 / 0.75, by 1.4 0.67 / 0.96, by 2 0.81 / 0.99: all fail
+    key = predict(model, embedded, sections="C6", n_samples=40, rng=0, progress=False, key_added="cal_c6")
     res = stemst.tl.evaluate(embedded, pred_key=key, key_added=None).summary
     print({k: round(v, 3) for k, v in res.items() if k.startswith("coverage") or k == "mean_pearson"})
-    assert 0.75 < res["coverage_90"] < 0.98 and 0.3 < res["coverage_50"] < 0.7
+    assert 0.4 <= res["coverage_50"] <= 0.6 and 0.8 <= res["coverage_90"] <= 0.96
     assert res["mean_pearson"] > 0.3 and set(res) >= {"coverage_80", "coverage_95", "rvd_samples"}
 
 
@@ -240,6 +241,37 @@ def test_joint_neighbourhood_model_fits_predicts_and_round_trips(embedded, tmp_p
     np.testing.assert_array_equal(a, loaded.sample(X, n_samples=2, rng=3, coords=xy, progress=False))
     # the neighbourhood changes the samples: the same seed without coordinates samples each spot alone
     assert not np.allclose(a, m.sample(X, n_samples=2, rng=3, progress=False))
+
+
+def _neighbour_correlation(samples: np.ndarray, xy: np.ndarray) -> float:
+    """Correlation of ring-1 neighbours' deviations from the samples' mean, per gene and sample, averaged."""
+    from stemst.pp._context import neighbourhoods
+
+    nb, _ = neighbourhoods(xy)
+    i, j = np.nonzero(nb[:, 1:] >= 0)
+    a, b = i, nb[:, 1:][i, j]
+    r = []
+    for d in samples - samples.mean(0):
+        x, y = d[a] - d[a].mean(0), d[b] - d[b].mean(0)
+        r.extend((x * y).sum(0) / np.sqrt((x * x).sum(0) * (y * y).sum(0)))
+    return float(np.mean(r))
+
+
+def test_joint_model_samples_are_spatially_correlated(embedded):
+    """What the joint model is for: neighbouring spots' samples deviate from their mean together. Measured on C6
+    (150 steps, 20 genes): neighbour correlation 0.105 for the joint model, 0.001 for the per-spot model."""
+    table = embedded.tables["table"]
+    genes = list(table.var_names[table.var["stemst_panel"].to_numpy()][:20])
+    kw = {**FAST, "embedding_key": f"{KEY}_context", "genes": genes, "width": 32, "validation": None, "steps": 150}
+    c6 = table[(table.obs["section"] == "C6").to_numpy()]
+    X, xy = c6.obsm[f"{KEY}_context"], np.asarray(c6.obsm["spatial"])
+    joint = fit(embedded, sections=TRAIN, architecture="neighbourhood", **kw)
+    alone = fit(embedded, sections=TRAIN, architecture="mlp", **kw)
+    r_joint = _neighbour_correlation(joint.sample(X, n_samples=6, steps=10, rng=0, coords=xy, progress=False), xy)
+    r_alone = _neighbour_correlation(alone.sample(X, n_samples=6, steps=10, rng=0, progress=False), xy)
+    print(f"neighbour correlation of sample deviations: joint {r_joint:.3f}, per-spot {r_alone:.3f}")
+    assert abs(r_alone) < 0.04
+    assert r_joint > 0.05 and r_joint > r_alone + 0.05
 
 
 def test_joint_sampler_uses_each_spots_own_neighbourhood():

@@ -87,8 +87,14 @@ def reading(path: str | os.PathLike, what: str, *, hint: str = REREAD_HINT) -> I
 
     Examples
     --------
-    >>> with reading("weights.pt", "model weights"):  # doctest: +SKIP
-    ...     state = torch.load("weights.pt")
+    >>> import torch
+    >>> with open("weights.pt", "wb") as f:
+    ...     f.write(b"not a torch file")
+    16
+    >>> with reading("weights.pt", "model weights", hint="Save the model again."):
+    ...     state = torch.load("weights.pt", weights_only=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    stemst._errors.StemstFileError: weights.pt: cannot read this model weights (UnpicklingError: ...). Save the model again.
     """
     try:
         yield
@@ -103,8 +109,11 @@ def read_json(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
 
     Examples
     --------
-    >>> read_json("spatial/scalefactors_json.json", what="scale factors")  # doctest: +SKIP
-    {'tissue_hires_scalef': 0.08, ...}
+    >>> with open("scalefactors_json.json", "w") as f:
+    ...     f.write('{"tissue_hires_scalef": 0.08}')
+    29
+    >>> read_json("scalefactors_json.json", what="scale factors")
+    {'tissue_hires_scalef': 0.08}
     """
     with reading(path, what):
         obj = json.loads(Path(path).read_text(encoding="utf-8"))

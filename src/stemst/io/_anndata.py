@@ -54,9 +54,11 @@ def from_anndata(
 
     Examples
     --------
-    >>> import scanpy as sc, stemst
-    >>> adata = sc.datasets.visium_sge("V1_Human_Lymph_Node")  # doctest: +SKIP
-    >>> sdata = stemst.io.from_anndata(adata, section="lymph_node")  # doctest: +SKIP
+    With scanpy's Visium reader (it downloads the sample)::
+
+        import scanpy as sc, stemst
+        adata = sc.datasets.visium_sge("V1_Human_Lymph_Node")
+        sdata = stemst.io.from_anndata(adata, section="lymph_node")
     """
     spatial = adata.uns.get("spatial")
     if not isinstance(spatial, dict) or not spatial:

@@ -43,9 +43,11 @@ def concatenate(sdatas: Sequence[Any]) -> Any:
 
     Examples
     --------
-    >>> a = stemst.io.visium("run1/outs", section="P1")  # doctest: +SKIP
-    >>> b = stemst.io.visium("run2/outs", section="P2")  # doctest: +SKIP
-    >>> sdata = stemst.io.concatenate([a, b])  # doctest: +SKIP
+    >>> c = stemst.datasets.her2st(["C2", "C6"])  # e.g. two stemst.io.visium(...) reads
+    >>> a = stemst.datasets.her2st("A1")
+    >>> both = stemst.io.concatenate([c, a])
+    >>> both.tables["table"].obs["section"].value_counts().to_dict()
+    {'A1': 346, 'C2': 187, 'C6': 178}
     """
     if not sdatas:
         raise ValueError("Nothing to concatenate.")

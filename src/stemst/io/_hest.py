@@ -70,8 +70,10 @@ def hest(
 
     Examples
     --------
-    >>> import stemst
-    >>> sdata = stemst.io.hest("hest_data", "TENX95", level=1)  # doctest: +SKIP
+    With a HEST-1k download (not shipped with stemst)::
+
+        import stemst
+        sdata = stemst.io.hest("hest_data", "TENX95", level=1)
     """
     import anndata as ad
 

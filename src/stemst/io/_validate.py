@@ -177,7 +177,9 @@ def read_zarr(path: str | os.PathLike, *, check: bool = True) -> Any:
     Examples
     --------
     >>> import stemst
-    >>> sdata = stemst.io.read_zarr("her2st_c2.zarr")  # doctest: +SKIP
+    >>> stemst.io.write_zarr(stemst.datasets.her2st("A1"), "her2st_a1.zarr")
+    >>> stemst.io.read_zarr("her2st_a1.zarr").tables["table"].n_obs
+    346
     """
     import spatialdata as sd
 
@@ -219,7 +221,9 @@ def write_zarr(sdata: Any, path: str | os.PathLike, *, overwrite: bool = False) 
     Examples
     --------
     >>> import stemst
-    >>> stemst.io.write_zarr(stemst.datasets.her2st(["C2"]), "her2st_c2.zarr")  # doctest: +SKIP
+    >>> stemst.io.write_zarr(stemst.datasets.her2st("A1"), "her2st_a1.zarr")
+    >>> sorted(stemst.io.read_zarr("her2st_a1.zarr").images)
+    ['A1_he']
     """
     import anndata as ad
     from spatialdata import get_dask_backing_files

@@ -251,9 +251,11 @@ def visium(
 
     Examples
     --------
-    >>> import stemst
-    >>> sdata = stemst.io.visium("V1_Breast_Cancer_Block_A_Section_1/outs", section="BC1")  # doctest: +SKIP
-    >>> stemst.io.validate(sdata)  # doctest: +SKIP
+    With Space Ranger's output folder of a sample (not shipped with stemst)::
+
+        import stemst
+        sdata = stemst.io.visium("V1_Breast_Cancer_Block_A_Section_1/outs", section="BC1")
+        stemst.io.validate(sdata)
     """
     path = Path(path)
     if not path.is_dir():

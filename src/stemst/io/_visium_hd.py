@@ -206,9 +206,11 @@ def visium_hd(
 
     Examples
     --------
-    >>> import stemst
-    >>> sdata = stemst.io.visium_hd("Visium_HD_Human_Colon_Cancer/outs", bin_size=16)  # doctest: +SKIP
-    >>> stemst.io.validate(sdata)  # doctest: +SKIP
+    With Space Ranger's output folder of a Visium HD sample (not shipped with stemst)::
+
+        import stemst
+        sdata = stemst.io.visium_hd("Visium_HD_Human_Colon_Cancer/outs", bin_size=16)
+        stemst.io.validate(sdata)
     """
     import spatialdata_io
 

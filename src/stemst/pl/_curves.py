@@ -78,7 +78,12 @@ def variation_curves(
 
     Examples
     --------
-    >>> stemst.pl.variation_curves(sdata, pred_key=["stemst_prediction", "ridge_prediction"])  # doctest: +SKIP
+    >>> ridge = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color_stats", sections="C2", alpha="hest")
+    >>> [stemst.tl.predict(m, sdata, sections="C6", progress=False) for m in (model, ridge)]
+    ['stemst_prediction', 'ridge_prediction']
+    >>> axes = stemst.pl.variation_curves(sdata, pred_key=["stemst_prediction", "ridge_prediction"], show=False)
+    >>> axes.shape
+    (2,)
     """
     import matplotlib.pyplot as plt
 
@@ -143,7 +148,14 @@ def gene_correlation(
 
     Examples
     --------
-    >>> stemst.pl.gene_correlation(sdata, pred_keys=["stemst_prediction", "ridge_prediction", "knn_prediction"])  # doctest: +SKIP
+    >>> keys = []
+    >>> for method, setting in (("ridge", dict(alpha="hest")), ("knn", dict(k=10))):
+    ...     m = stemst.tl.fit_baseline(sdata, method=method, embedding_key="X_color_stats", sections="C2", **setting)
+    ...     keys.append(stemst.tl.predict(m, sdata, sections="C6", progress=False))
+    >>> keys.append(stemst.tl.predict(model, sdata, sections="C6", progress=False))
+    >>> ax = stemst.pl.gene_correlation(sdata, pred_keys=keys, show=False)
+    >>> [t.get_text() for t in ax.get_legend().get_texts()]  # doctest: +ELLIPSIS
+    ['ridge_prediction (mean 0...)', 'knn_prediction (mean 0...)', 'stemst_prediction (mean 0...)']
     """
     if kind not in ("sorted", "box"):
         raise ValueError(f"kind must be 'sorted' or 'box', got {kind!r}.")
@@ -207,7 +219,9 @@ def training_curve(
 
     Examples
     --------
-    >>> stemst.pl.training_curve(model)  # doctest: +SKIP
+    >>> ax = stemst.pl.training_curve(model, show=False)
+    >>> ax.get_xlabel()
+    'step'
     """
     history = getattr(model, "history", model)
     df = pd.DataFrame(history)

@@ -76,7 +76,10 @@ def expression_maps(
 
     Examples
     --------
-    >>> stemst.pl.expression_maps(sdata, ["ERBB2", "GNAS"], section="C6")  # doctest: +SKIP
+    >>> key = stemst.tl.predict(model, sdata, sections="C6", n_samples=4, progress=False)
+    >>> axes = stemst.pl.expression_maps(sdata, ["GNAS", "CD74"], section="C6", pred_key=key, show=False)
+    >>> axes.shape  # one row per gene
+    (2, 2)
     """
     genes = as_list(genes)
     pred = _prediction(sdata, pred_key, genes)
@@ -147,7 +150,10 @@ def uncertainty_map(
 
     Examples
     --------
-    >>> stemst.pl.uncertainty_map(sdata, "ERBB2", section="C6")  # doctest: +SKIP
+    >>> key = stemst.tl.predict(model, sdata, sections="C6", n_samples=4, progress=False)
+    >>> axes = stemst.pl.uncertainty_map(sdata, ["GNAS", "CD74"], section="C6", pred_key=key, show=False)
+    >>> axes.shape  # one panel per gene
+    (2,)
     """
     genes = as_list(genes)
     pred = _prediction(sdata, pred_key, genes)

@@ -77,8 +77,9 @@ def sections(
 
     Examples
     --------
-    >>> sdata = stemst.datasets.her2st(["C2", "C3"])  # doctest: +SKIP
-    >>> stemst.pl.sections(sdata, color="total_counts")  # doctest: +SKIP
+    >>> axes = stemst.pl.sections(sdata, color="total_counts", show=False)  # sdata: HER2ST C2 and C6
+    >>> axes.shape
+    (2,)
     """
     adata = get_table(sdata, table_key)
     names = table_sections(adata) if sections is None else ([sections] if isinstance(sections, str) else list(sections))

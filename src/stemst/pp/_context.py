@@ -177,9 +177,9 @@ def spatial_context(
 
     Examples
     --------
-    >>> stemst.pp.embed_patches(sdata)  # doctest: +SKIP
-    >>> key = stemst.pp.spatial_context(sdata)  # doctest: +SKIP
-    >>> model = stemst.tl.fit(sdata, embedding_key=key, sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
+    >>> key = stemst.pp.spatial_context(sdata, embedding_key="X_color_stats")  # sdata: HER2ST C2 and C6
+    >>> key, sdata.tables["table"].obsm[key].shape  # own, ring-1 and ring-2 means of the 30 features
+    ('X_color_stats_context', (365, 90))
     """
     t0 = time.perf_counter()
     table = get_table(data, table_key)

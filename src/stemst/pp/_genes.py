@@ -243,9 +243,8 @@ def select_genes(
     Examples
     --------
     >>> import stemst
-    >>> sdata = stemst.datasets.her2st(["C2", "C3", "C4", "C5", "C6"])  # doctest: +SKIP
-    >>> stemst.pp.select_genes(sdata, train_sections=["C2", "C3", "C4", "C5"], n_genes=100)  # doctest: +SKIP
-    >>> sdata.tables["table"].var["stemst_panel"].sum()  # doctest: +SKIP
+    >>> stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=100)  # sdata: HER2ST C2 and C6
+    >>> int(sdata.tables["table"].var["stemst_panel"].sum())
     100
     """
     adata = get_table(data, table_key)

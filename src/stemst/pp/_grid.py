@@ -68,7 +68,9 @@ def grid_spots(
 
     Examples
     --------
-    >>> centres, step = stemst.pp.grid_spots(sdata, "C7", spacing_um=100)  # doctest: +SKIP
+    >>> centres, step = stemst.pp.grid_spots(sdata, "C6", spacing_um=400)  # sdata: HER2ST C2 and C6
+    >>> centres.shape[1], round(step)  # (x, y) per grid point; 400 µm in C6's pixels (0.69 µm/px)
+    (2, 582)
     """
     check_spacing(spacing_um)
     if microns_per_pixel is None:

@@ -177,9 +177,10 @@ def evaluate(
 
     Examples
     --------
-    >>> key = stemst.tl.predict(model, sdata, sections="C6")  # doctest: +SKIP
-    >>> res = stemst.tl.evaluate(sdata, pred_key=key)  # doctest: +SKIP
-    >>> res.summary["mean_pearson"], res.per_gene.sort_values("pearson").tail()  # doctest: +SKIP
+    >>> key = stemst.tl.predict(model, sdata, sections="C6", progress=False)
+    >>> res = stemst.tl.evaluate(sdata, pred_key=key)
+    >>> res.per_gene.shape[0], -1 <= res.summary["mean_pearson"] <= 1
+    (20, True)
     """
     pred = get_table(sdata, pred_key)
     params = _prediction_params(pred, pred_key)
@@ -268,7 +269,11 @@ def compare(
 
     Examples
     --------
-    >>> stemst.tl.compare(sdata, ["stemst_prediction", "ridge_prediction", "library_size_prediction"])  # doctest: +SKIP
+    >>> ridge = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color_stats", sections="C2", alpha="hest")
+    >>> keys = [stemst.tl.predict(m, sdata, sections="C6", progress=False) for m in (model, ridge)]
+    >>> keys.append(stemst.tl.library_size_yardstick(sdata, train_sections="C2", test_sections="C6"))
+    >>> stemst.tl.compare(sdata, keys).index.tolist()
+    ['stemst_prediction', 'ridge_prediction', 'library_size_prediction']
     """
     names = list(pred_keys) if names is None else list(names)
     if len(names) != len(pred_keys):
@@ -349,8 +354,9 @@ def library_size_yardstick(
 
     Examples
     --------
-    >>> key = stemst.tl.library_size_yardstick(sdata, train_sections=["C2", "C3"], test_sections="C6")  # doctest: +SKIP
-    >>> stemst.tl.evaluate(sdata, pred_key=key).summary["mean_pearson"]  # doctest: +SKIP
+    >>> key = stemst.tl.library_size_yardstick(sdata, train_sections="C2", test_sections="C6")
+    >>> stemst.tl.evaluate(sdata, pred_key=key).summary["mean_pearson"] > 0.3  # the measured depth tells much
+    True
     """
     from stemst.tl._predict import predict
 

@@ -234,10 +234,22 @@ def fit(
 
     Examples
     --------
-    >>> stemst.pp.embed_patches(sdata)  # doctest: +SKIP
-    >>> stemst.pp.spatial_context(sdata)  # doctest: +SKIP
-    >>> model = stemst.tl.fit(sdata, sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
-    >>> stemst.tl.predict(model, sdata, sections="C6")  # doctest: +SKIP
+    A quick try on ``sdata`` (HER2ST C2 and C6 embedded with ``encoder="color_stats"``, with a 20-gene panel): a
+    few steps on all of C2, nothing held out.
+
+    >>> model = stemst.tl.fit(sdata, embedding_key="X_color_stats", sections="C2", steps=20, validation=None)
+    >>> model.steps_trained, model.n_genes
+    (20, 20)
+    >>> key = stemst.tl.predict(model, sdata, sections="C6", progress=False)
+    >>> sdata.tables[key].shape
+    (178, 20)
+
+    The recommended setting (the default encoder and its spatial context, the default steps; minutes on a CPU)::
+
+        stemst.pp.embed_patches(sdata)
+        stemst.pp.spatial_context(sdata)
+        model = stemst.tl.fit(sdata, sections=["C2", "C3", "C4", "C5"])
+        stemst.tl.predict(model, sdata, sections="C6")
     """
     distributed.init()
     resolve_device(device)  # a device this machine lacks is refused before any work

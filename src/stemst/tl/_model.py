@@ -87,9 +87,14 @@ class StemstModel(Predictor):
 
     Examples
     --------
-    >>> model = stemst.tl.fit(sdata, sections=["C2", "C3"], architecture="mlp", steps=500)  # doctest: +SKIP
-    >>> samples = model.sample(X, n_samples=20, steps=25)  # (20, n, genes)  # doctest: +SKIP
-    >>> model.save("model/"); model = stemst.tl.StemstModel.load("model/")  # doctest: +SKIP
+    >>> model  # doctest: +ELLIPSIS
+    StemstModel(mlp depth=1, width=32, ...)
+    >>> X = sdata.tables["table"].obsm["X_color_stats"][:5]
+    >>> model.sample(X, n_samples=20, steps=25, progress=False).shape  # (samples, spots, genes)
+    (20, 5, 20)
+    >>> path = model.save("model")
+    >>> stemst.tl.StemstModel.load(path).genes == model.genes
+    True
     """
 
     method = "stemst"

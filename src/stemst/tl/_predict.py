@@ -159,8 +159,9 @@ def predict(
 
     Examples
     --------
-    >>> key = stemst.tl.predict(model, sdata, sections="C6", n_samples=10)  # doctest: +SKIP
-    >>> sdata.tables[key].layers["std"].shape  # doctest: +SKIP
+    >>> key = stemst.tl.predict(model, sdata, sections="C6", n_samples=10, progress=False)
+    >>> sdata.tables[key].layers["std"].shape  # C6's 178 spots, the model's 20 genes
+    (178, 20)
     """
     from stemst.pp import inverse_transform
 
@@ -308,7 +309,9 @@ def predict_image(
 
     Examples
     --------
-    >>> key = stemst.tl.predict_image(model, sdata, "C7")  # doctest: +SKIP
+    >>> key = stemst.tl.predict_image(model, sdata, "C6", spacing_um=400, n_samples=2, progress=False)
+    >>> key, len(sdata.shapes["C6_grid"]) == sdata.tables[key].n_obs
+    ('stemst_prediction_C6_grid', True)
     """
     import spatialdata as sd
     from spatialdata.models import ShapesModel, TableModel

@@ -54,8 +54,9 @@ def smooth(
 
     Examples
     --------
-    >>> key = stemst.tl.predict(ridge, sdata, sections="C6")  # doctest: +SKIP
-    >>> stemst.tl.smooth(sdata, key, weight=0.5)  # doctest: +SKIP
+    >>> ridge = stemst.tl.fit_baseline(sdata, method="ridge", embedding_key="X_color_stats", sections="C2", alpha="hest")
+    >>> key = stemst.tl.predict(ridge, sdata, sections="C6", progress=False)
+    >>> stemst.tl.smooth(sdata, key, weight=0.5)
     'ridge_prediction_smoothed'
     """
     import anndata as ad
