@@ -266,7 +266,7 @@ def test_noisy_baseline_calibrates_on_the_held_out_section_fit_uses(sdata, noisy
 @pytest.mark.parametrize("kind", ["gauss", "mvn", "resid"])
 def test_noisy_baselines_sample_their_noise_model_and_beat_the_point_prediction(sdata, noisy, fitted, kind):
     model = noisy.with_noise(kind)
-    X = training_set(sdata, embedding_key="X_color", sections="C6").X
+    X = training_set(sdata, embedding_key="X_color", sections="C6", drop_empty=False).X
     draws = model.sample(X, n_samples=40, rng=0)
     noise = model.noise_draws((40, len(X)), rng=0)  # the same draws, before the mean and the floor at 0
     np.testing.assert_allclose(draws, np.maximum(model.predict_mean(X) + noise, 0), atol=1e-5)
@@ -286,6 +286,10 @@ def test_noisy_baselines_sample_their_noise_model_and_beat_the_point_prediction(
     res = stemst.tl.evaluate(sdata, pred_key="noisy", key_added=None).summary
     stemst.tl.predict(fitted["ridge_cv"], sdata, sections="C6", key_added="point", progress=False, overwrite=True)
     point = stemst.tl.evaluate(sdata, pred_key="point", key_added=None).summary
+    pred = sdata.tables["noisy"]  # centred on the mean model, not on the noisy mean of its samples
+    np.testing.assert_allclose(pred.X, np.maximum(noisy.predict_mean(X), 0), atol=1e-5)
+    np.testing.assert_allclose(pred.layers["counts"], 2.0**pred.X - 1, rtol=1e-4, atol=1e-4)
+    assert res["mean_pearson"] == pytest.approx(point["mean_pearson"], abs=2e-3)
     assert res["crps"] < 0.9 * point["crps"]  # calibrated spread beats a point mass on the proper score
     assert res["energy_score"] < point["energy_score"]
     assert 0.75 < res["coverage_90"] < 0.97

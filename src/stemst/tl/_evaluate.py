@@ -77,7 +77,7 @@ def normalized_expression(counts: np.ndarray) -> np.ndarray:
     """Library-normalised values ``log1p(1e4 * c / total)``, ``total`` being each spot's sum over the given genes.
 
     Used to compare predicted and measured expression without spot depth: both the measured counts and the
-    predicted expected counts (``layers['counts']`` of a prediction table) are normalised by their own total over
+    predicted counts (``layers['counts']`` of a prediction table) are normalised by their own total over
     the *same* gene panel, so a prediction that gets the composition of a spot right scores well even when it
     misses the depth. (The total over all genes is not available for a prediction, hence the panel total; spots
     with a zero total get zeros, and negative expected counts, which a regression can produce, count as zero.)

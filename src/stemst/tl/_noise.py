@@ -93,6 +93,13 @@ class NoisyBaseline(Predictor):
         """``(n, n_genes)`` mean on the model scale (the noise has zero mean, except ``"resid"``'s residual bias)."""
         return self.mean_model.predict_mean(X)
 
+    def point_estimate(self, X: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
+        """Return the mean model's prediction, clipped at 0: what the samples are drawn around (no Monte Carlo noise).
+
+        The diffusion model's prediction is its model mean too, so both are scored on the same footing.
+        """
+        return np.maximum(self.predict_mean(np.asarray(X, np.float32)), 0.0)
+
     def noise_draws(self, shape: tuple[int, int], rng: RNGLike = None) -> np.ndarray:
         """Return ``(*shape, n_genes)`` draws of the noise model (before the mean is added and the floor applied)."""
         gen = as_generator(rng)

@@ -39,7 +39,7 @@ from stemst.tl._data import get_embeddings
 
 #: layer with the standard deviation of the samples (model scale)
 STD_LAYER = "std"
-#: layer with the expected counts (mean over samples of the back-transformed values)
+#: layer with the predicted counts (the point prediction ``X`` back-transformed to counts)
 COUNTS_LAYER = "counts"
 #: obsm slot with the samples, ``(n_spots, n_samples, n_genes)``
 SAMPLES_KEY = "samples"
@@ -151,7 +151,9 @@ def predict(
 
     - ``X``: the mean of the samples on the model's scale (e.g. log2(count + 1)), spots x panel genes;
     - ``layers['std']``: the standard deviation of the samples;
-    - ``layers['counts']``: expected counts, the back-transformed samples averaged;
+    - ``layers['counts']``: predicted counts, ``X`` back-transformed (e.g. ``2**X - 1``): the composition of the
+      prediction's centre, ready for :func:`scanpy.pp.normalize_total` (averaging back-transformed samples would
+      inflate each gene by its own spread);
     - ``obsm['samples']``: the samples, ``(n_spots, n_samples, n_genes)`` float32 (if ``keep_samples``);
     - ``obs``: the source spots' ``section``, ``region`` and ``spot_id`` (so it annotates the same circles),
       ``obsm['spatial']`` and ``uns['stemst']`` copied;
@@ -190,7 +192,6 @@ def predict(
         raise RuntimeError(
             f"{model.method} returned samples of shape {samples.shape}, expected {(n_draw, len(X), model.n_genes)}."
         )
-    counts = np.mean(inverse_transform(samples, method=model.transform), axis=0).astype(np.float32)
 
     obs = pd.DataFrame(index=src.obs_names.copy())
     for col in src.obs.columns:
@@ -201,9 +202,12 @@ def predict(
             obs[col] = values.array.copy()
     var = pd.DataFrame(index=pd.Index(model.genes))
     var[PANEL_KEY] = True
-    out = ad.AnnData(X=np.asarray(model.point_estimate(X, samples), np.float32), obs=obs, var=var)
+    mean = np.asarray(model.point_estimate(X, samples), np.float32)
+    out = ad.AnnData(X=mean, obs=obs, var=var)
     out.layers[STD_LAYER] = samples.std(0).astype(np.float32)
-    out.layers[COUNTS_LAYER] = counts
+    # the counts at the predicted centre: its composition is what normalize_total + log1p sees (averaging the
+    # back-transformed samples instead inflates each gene by its own spread and distorts the composition)
+    out.layers[COUNTS_LAYER] = np.asarray(inverse_transform(mean, method=model.transform), np.float32)
     if keep_samples:
         out.obsm[SAMPLES_KEY] = np.ascontiguousarray(samples.transpose(1, 0, 2))
     if SPATIAL_KEY in src.obsm:
