@@ -132,7 +132,8 @@ def spatial_calibration(sdata, pred_key: str) -> dict:
 def structure(sdata, pred_key: str) -> dict:
     """Downstream fidelity of the mean and of one sample; the better of the two under each metric's own name."""
     out = {}
-    for which, sample in (("mean", None), ("sample", 0)):
+    has_samples = "samples" in sdata.tables[pred_key].obsm  # a smoothed prediction keeps none: its mean only
+    for which, sample in (("mean", None), ("sample", 0 if has_samples else None)):
         res = stemst.tl.structure_metrics(sdata, pred_key=pred_key, sample=sample)
         out.update({f"{k}_{which}": v for k, v in res.items()})
     for k, higher in STRUCTURE.items():
