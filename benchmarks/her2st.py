@@ -401,7 +401,16 @@ def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
         "measured values' is in the JSON as `neighbour_corr_true`, 0.14-0.20); `region_coverage_90`: 90% interval "
         "coverage of the mean over each spot and its ring-1 neighbours. `stemst_joint`: `architecture='neighbourhood'`. "
         "`nfe_per_spot`: network evaluations per spot (stemst: 20 samples x 25 DPM-Solver++ steps); `peak_rss_mb`: "
-        "peak memory of the whole benchmark process up to that point.",
+        "peak memory of the whole benchmark process up to that point. Proper scores from the samples of every "
+        "method (`stemst.metrics`; lower is better): `crps` (per gene, fair estimator; `crps_counts` on the count "
+        "scale), `energy_score` (the panel per spot), `variogram_score` (order 0.5 over ring-1 neighbour pairs). "
+        "`+gauss` / `+mvn` / `+resid`: the baseline's mean plus a per-gene Gaussian, a Ledoit-Wolf multivariate "
+        "Gaussian, or resampled residual vectors, fitted on the residuals on the training section stemst holds out "
+        "(`fit_baseline(noise=...)`). Structure (`stemst.tl.structure_metrics`, counts -> normalize_total -> log1p "
+        "as a scanpy user would): `domain_ari` (k-means, 5 domains, against the measured ones), `moran_spearman` "
+        "(Moran's I across genes against the measured), `svg_overlap` (top-20 spatially variable genes), "
+        "`gene_corr_distance` (RMS difference of gene-gene correlations; lower is better); each the better of the "
+        "predicted counts (`_mean` in the JSON) and one sample (`_sample`).",
         "",
         f"### Leave-one-section-out over C2-C6, mean of {len([x for x in result['splits'] if x['test'] in C_SECTIONS])} "
         "split(s)" + ("" if result["complete"] else " (partial run: the remaining splits did not finish)"),
