@@ -199,10 +199,10 @@ def run_split(
         variants = {name: base.mean_model if noise else base}
         if noise:  # the same mean, three noise models fitted on the held-out section's residuals
             variants.update({f"{name}+{k}": base.with_noise(k) for k in NOISE_KINDS})
-        for vname, model in variants.items():
+        for vname, variant in variants.items():
             t0 = time.perf_counter()
             preds[vname] = stemst.tl.predict(
-                model,
+                variant,
                 sdata,
                 sections=test,
                 key_added=f"{vname.replace('+', '_')}_{test}",
