@@ -111,7 +111,7 @@ def _aligned_measurement(pred: ad.AnnData, measured: ad.AnnData, pred_key: str, 
     return measured[pred.obs_names]
 
 
-def _spot_pairs(pred: ad.AnnData) -> np.ndarray | None:
+def spot_pairs(pred: ad.AnnData) -> np.ndarray | None:
     """Ring-1 neighbouring spot pairs of a prediction table (``None`` without spot centres)."""
     if SPATIAL_KEY not in pred.obsm:
         return None
@@ -201,7 +201,7 @@ def evaluate(
     samples = (
         np.asarray(sub.obsm["samples"])[:, :, pred.var_names.get_indexer(panel)] if "samples" in sub.obsm else None
     )
-    pairs = _spot_pairs(sub) if samples is not None else None
+    pairs = spot_pairs(sub) if samples is not None else None
     per_gene = pd.DataFrame(
         gene_metrics(y_pred, y_true, samples=samples, levels=levels, pairs=pairs), index=pd.Index(panel)
     )

@@ -14,9 +14,9 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from stemst._schema import PREDICTION_KEY, SECTION_KEY, SPATIAL_KEY, TABLE_KEY, StemstDataError, get_table
-from stemst.metrics import neighbour_pairs
+from stemst._schema import PREDICTION_KEY, SPATIAL_KEY, TABLE_KEY, StemstDataError, get_table
 from stemst.tl._data import get_counts
+from stemst.tl._evaluate import spot_pairs
 from stemst.tl._predict import COUNTS_LAYER, SAMPLES_KEY
 
 #: what :func:`structure_metrics` reports (``gene_corr_distance`` lower is better, the others higher)
@@ -126,13 +126,12 @@ def structure_metrics(
             raise StemstDataError(f"Prediction {pred_key!r} has no sample {sample} in obsm[{SAMPLES_KEY!r}].")
         transform = pred.uns.get(PREDICTION_KEY, {}).get("transform", "log2p1")
         counts = inverse_transform(np.asarray(pred.obsm[SAMPLES_KEY][:, sample], np.float64), method=transform)
-    if SPATIAL_KEY not in pred.obsm:
+    pairs = spot_pairs(pred)
+    if pairs is None:
         raise StemstDataError(f"Prediction {pred_key!r} has no obsm[{SPATIAL_KEY!r}] (spot centres).")
     p, t = _normalised(counts), _normalised(get_counts(measured, genes))
     ari = adjusted_rand_score(_domains(t, n_domains, seed), _domains(p, n_domains, seed))
 
-    sections = pred.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in pred.obs else None
-    pairs = neighbour_pairs(np.asarray(pred.obsm[SPATIAL_KEY])[:, :2], sections)
     n = pred.n_obs
     graph = sp.coo_matrix((np.ones(2 * len(pairs)), (pairs.ravel(), pairs[:, ::-1].ravel())), shape=(n, n)).tocsr()
     mi_p, mi_t = _morans_i(p, graph), _morans_i(t, graph)
