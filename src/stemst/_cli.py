@@ -77,7 +77,16 @@ def demo(out: Path, *, n_genes: int = 100, steps: int | None = None, quick: bool
     stemst.pl.gene_correlation(sdata, pred_keys=keys[:-1], save=out / "gene_correlation.png")
     elapsed = time.perf_counter() - t0
     _say(f"Done in {elapsed / 60:.1f} min. Metrics (test section {TEST}, panel chosen on {', '.join(TRAIN)}):")
-    shown = ["mean_pearson", "pcc_50", "mse", "rvd", "rvd_samples", "coverage_50", "coverage_90", "mean_pearson_norm"]
+    shown = [
+        "mean_pearson",
+        "mse",
+        "crps",
+        "energy_score",
+        "coverage_50",
+        "coverage_90",
+        "mean_pearson_norm",
+        "rvd_samples",
+    ]
     print(table[[c for c in shown if c in table.columns]].to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
     _say("Library-size row: each gene predicted from the test spot's own measured depth (a yardstick, not a method).")
     _say(f"Figures, metrics.csv, metrics.md and the trained model are in {out.resolve()}")
