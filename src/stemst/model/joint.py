@@ -184,5 +184,5 @@ class JointDiffusionModel(DiffusionModel):
             if m is not None:
                 x = self.residual_weight * m + self.spread * (x - m)
             out[start : start + s] = x
-        y = self.from_network(out)
+        y = self.calibrated_output(out)
         return y + self.head(cond) if self.diffusion.head_pcs else y

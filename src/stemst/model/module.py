@@ -98,6 +98,7 @@ class DiffusionModel(nn.Module):
             self.register_buffer("mlp_w2", torch.zeros(d.head_hidden, n_genes))
             self.register_buffer("mlp_b2", torch.zeros(n_genes))
         self.register_buffer("residual_weight", torch.ones(()))
+        self.register_buffer("offset_weight", torch.ones(()))
         self.register_buffer("spread", torch.ones(n_genes))
 
     @property
@@ -165,10 +166,26 @@ class DiffusionModel(nn.Module):
         return y - self.head(cond) if self.diffusion.head_pcs else y
 
     @torch.no_grad()
-    def set_calibration(self, residual_weight: float, spread: torch.Tensor | float) -> None:
-        """Set the calibration applied by :meth:`sample`: ``mean + residual_weight * m + spread * (x - m)``."""
+    def set_calibration(
+        self, residual_weight: float, spread: torch.Tensor | float, offset_weight: float | None = None
+    ) -> None:
+        """Set the calibration applied by :meth:`sample`: ``mean + residual_weight * m + spread * (x - m)``.
+
+        ``offset_weight`` (unchanged when ``None``) weighs the target's training mean ``y_mean`` that
+        :meth:`from_network` adds back (see :meth:`calibrated_output`).
+        """
         self.residual_weight.fill_(float(residual_weight))
         self.spread.copy_(torch.as_tensor(spread, dtype=torch.float32).expand(self.n_genes))
+        if offset_weight is not None:
+            self.offset_weight.fill_(float(offset_weight))
+
+    def calibrated_output(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`from_network`, with the target's training mean ``y_mean`` weighted by ``offset_weight``.
+
+        ``y_mean`` is the mean of the cross-fitted residuals of the training sections; whether a new section's
+        residuals share it is decided on held-out data (:func:`stemst.tl._validation.calibrate`).
+        """
+        return self.from_network(x) - (1.0 - self.offset_weight) * self.y_mean
 
     @torch.no_grad()
     def set_statistics(self, cond: torch.Tensor, y: torch.Tensor, *, projection: bool = True) -> None:
@@ -319,13 +336,14 @@ class DiffusionModel(nn.Module):
         self.eval()
         cond = cond.to(self.device, torch.float32)
         m = self.network_mean(self.condition(cond))
-        w = self.residual_weight if calibrated else 1.0
-        return self.head(cond) + self.from_network(w * m)
+        if not calibrated:
+            return self.head(cond) + self.from_network(m)
+        return self.head(cond) + self.calibrated_output(self.residual_weight * m)
 
     @property
     def calibrated(self) -> bool:
         """Whether :meth:`set_calibration` changed the samples (a weight or a spread other than 1)."""
-        return bool(self.residual_weight != 1 or (self.spread != 1).any())
+        return bool(self.residual_weight != 1 or self.offset_weight != 1 or (self.spread != 1).any())
 
     @property
     def default_batch_size(self) -> int:
@@ -400,5 +418,5 @@ class DiffusionModel(nn.Module):
                 m = self.network_mean(c)
                 x = self.residual_weight * m + self.spread * (x - m)
             out[start:stop] = x
-        y = self.from_network(out).reshape(n_samples, n, self.n_genes)
+        y = self.calibrated_output(out).reshape(n_samples, n, self.n_genes)
         return y + self.head(cond.to(self.device, torch.float32)) if self.diffusion.head_pcs else y

@@ -26,7 +26,7 @@ WEIGHTS_FILE = "weights.pt"
 #: engine's configs; 1 (stemst 0.1.0): ``net.*`` and ``stats.*`` tensors, flat settings (converted on load)
 FORMAT_VERSION = 2
 #: buffers added to format 2 later (identity when absent: the samples as the network draws them)
-CALIBRATION_BUFFERS = ("residual_weight", "spread")
+CALIBRATION_BUFFERS = ("residual_weight", "offset_weight", "spread")
 
 
 def _upgrade_format_1(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
