@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from stemst._docs import doc_params, doc_progress, doc_table_key
 from stemst._logging import logger
@@ -206,3 +207,79 @@ def apply_adaptation(adaptation: dict[str, Any], mean: np.ndarray, samples: np.n
     center = samples.mean(0)
     new = center + offset + scale * (samples - center)
     return np.clip(mean + offset, 0, None).astype(np.float32), np.clip(new, 0, None).astype(np.float32)
+
+
+#: numbers of measured spots :func:`adaptation_curve` tries by default
+CURVE_SPOTS = (0, 5, 10, 20, 50)
+
+
+@doc_params(table_key=doc_table_key)
+def adaptation_curve(
+    model: Any,
+    data: Any,
+    *,
+    section: str,
+    n_measured: Sequence[int] = CURVE_SPOTS,
+    table_key: str = TABLE_KEY,
+    n_samples: int = 20,
+    rng: RNGLike = 0,
+    **sample_kwargs: Any,
+) -> pd.DataFrame:
+    """How a model does on a section with 0, 5, 10, ... measured spots (:func:`adapt`), scored on the others.
+
+    For each number ``k``, ``k`` spots of the section are drawn (seed ``rng``), the model is adapted on them,
+    the section is predicted and :func:`stemst.tl.evaluate` scores the spots not drawn (``k = 0``: the model as
+    it is, on every spot). ``data`` is left as it was.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~stemst.tl.StemstModel`.
+    data
+        :class:`~spatialdata.SpatialData` or :class:`~anndata.AnnData` with the section's embeddings and counts.
+    section
+        The section.
+    n_measured
+        The numbers of measured spots.
+    {table_key}
+    n_samples
+        Samples per spot.
+    rng
+        Seed of the spots drawn and of the samples.
+    **sample_kwargs
+        Passed to the model's ``sample``.
+
+    Returns
+    -------
+    One row per ``k``: ``n_measured``, ``n_scored``, ``mean_pearson``, ``mse``, ``coverage_50``, ``coverage_90``,
+    ``fraction_ood`` (the section's share of spots with an OOD score above 1).
+
+    Examples
+    --------
+    >>> curve = stemst.tl.adaptation_curve(model, sdata, section="C6", n_measured=(0, 10), n_samples=4)
+    >>> curve["n_measured"].tolist(), curve["n_scored"].tolist()  # C6 has 178 spots
+    ([0, 10], [178, 168])
+    """
+    from types import SimpleNamespace
+
+    from stemst._schema import OOD_UNS_KEY
+    from stemst.tl._evaluate import evaluate
+    from stemst.tl._predict import predict
+
+    table = get_table(data, table_key)
+    rows = []
+    for k in n_measured:
+        adapted = model if k == 0 else adapt(model, table, section=section, spots=int(k), rng=rng)
+        pred = predict(adapted, table, sections=section, n_samples=n_samples, rng=rng, progress=False, **sample_kwargs)
+        tables = SimpleNamespace(tables={"counts": table, "prediction": pred})  # leaves ``data`` as it was
+        summary = evaluate(tables, pred_key="prediction", table_key="counts", key_added=None, normalized=False).summary
+        ood = pred.uns.get(OOD_UNS_KEY, {}).get(section, {})
+        rows.append(
+            {
+                "n_measured": int(k),
+                "n_scored": int(summary["n_spots"]),
+                **{m: float(summary[m]) for m in ("mean_pearson", "mse", "coverage_50", "coverage_90")},
+                "fraction_ood": ood.get("fraction_ood", np.nan),
+            }
+        )
+    return pd.DataFrame(rows)
