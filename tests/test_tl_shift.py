@@ -146,3 +146,21 @@ def test_model_saved_without_ood_reference_loads_and_predicts_without_score(sdat
     assert "No out-of-distribution score" in caplog.text and OOD_SCORE_KEY not in out.obs
     with pytest.raises(stemst.StemstDataError, match="depth= needs the training depth"):
         predict(old, sdata.tables["table"], sections="C6", n_samples=2, progress=False, depth=1000.0)
+
+
+def test_benchmark_records_the_cross_patient_story(sdata, model):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "her2st.py"
+    spec = importlib.util.spec_from_file_location("her2st_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rec = bench.cross_patient_record(sdata, model, "C6", {"warned": False, "fraction_ood": 0.1}, ks=(0, 5))
+    assert rec["section"] == "C6" and rec["ood"] == {"warned": False, "fraction_ood": 0.1}
+    assert [r["n_measured"] for r in rec["adaptation"]] == [0, 5]
+    assert [r["n_scored"] for r in rec["adaptation"]] == [178, 173]
+    assert all(0 <= r["coverage_50"] <= r["coverage_90"] <= 1 and r["mse"] > 0 for r in rec["adaptation"])
+    split = {"test": "C6", "ood_warned": False, "ood": {"fraction_ood": 0.1}}
+    text = "\n".join(bench.cross_patient_lines({"splits": [split], "cross_patient": json.loads(json.dumps(rec))}))
+    assert "| C6 | 0.10 | no |" in text and "coverage_90" in text
