@@ -164,3 +164,11 @@ def test_benchmark_records_the_cross_patient_story(sdata, model):
     split = {"test": "C6", "ood_warned": False, "ood": {"fraction_ood": 0.1}}
     text = "\n".join(bench.cross_patient_lines({"splits": [split], "cross_patient": json.loads(json.dumps(rec))}))
     assert "| C6 | 0.10 | no |" in text and "coverage_90" in text
+
+
+def test_ood_score_of_low_dimensional_features_is_calibrated_not_degenerate():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 8))  # fewer features than OOD_PCS: the subspace keeps half of them out
+    ref = OODReference.fit(X[:1000], X[1000:2000], embedding_key="X", calibrated_on="test")
+    assert ref.axes.shape == (8, 4)
+    assert 0.03 < np.mean(ref.score(X[2000:]) > 1) < 0.08

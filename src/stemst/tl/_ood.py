@@ -9,7 +9,7 @@ counts to a given depth (:func:`depth_factors`, :func:`rescale`).
 The out-of-distribution (OOD) score is computed on the spot's own embedding *before* the per-section
 standardisation of the spatial-context features (:func:`stemst.pp.spatial_context` removes each section's mean and
 scale, and with them exactly the shift to detect): the squared distance of the standardised embedding from the
-subspace of the training spots' top :data:`OOD_PCS` principal components, per feature, divided by its
+subspace of the training spots' top :data:`OOD_PCS` principal components (at most half the features), per feature, divided by its
 :data:`OOD_QUANTILE` quantile on the training section :func:`stemst.tl.fit` holds out. So about 5% of the spots of
 an unseen section of the training patient score above 1, and a spot above 1 is out of distribution.
 Measured on HER2ST (EfficientNet-Lite0 features): held-out sections of patient C 1-14% above 1, section A1 of
@@ -83,7 +83,7 @@ class OODReference:
         mean, sd = X_ref.mean(0), X_ref.std(0)
         scale = np.where(sd > 1e-6, sd, 1.0)
         _, _, vt = np.linalg.svd((X_ref - mean) / scale, full_matrices=False)
-        axes = vt[: min(OOD_PCS, len(vt))].T
+        axes = vt[: min(OOD_PCS, X_ref.shape[1] // 2, len(vt))].T  # half the features at least stay off the subspace
         ref = cls(embedding_key, mean, scale, axes, 1.0, calibrated_on)
         ref.threshold = max(float(np.quantile(ref.distance(X_cal), OOD_QUANTILE)), 1e-12)
         return ref
