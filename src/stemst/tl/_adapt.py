@@ -198,15 +198,17 @@ def adapt(
 
 
 def apply_adaptation(adaptation: dict[str, Any], mean: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Return the adapted point prediction ``(n, genes)`` and samples ``(n_samples, n, genes)``, clipped at 0.
+    """Return the adapted point prediction ``(n, genes)`` and samples ``(n_samples, n, genes)``.
 
-    The samples are shifted by the offsets and spread around their own mean by the spread scales.
+    The point prediction is shifted by the offsets, unclipped: so each gene's ranking of the spots, and its
+    correlation with the measured values, are exactly the unadapted model's (a shift below 0 is clipped in the
+    counts). The samples are shifted likewise, spread around their own mean by the spread scales and clipped at 0.
     """
     offset = np.asarray(adaptation["offset"], np.float32)
     scale = np.asarray(adaptation["spread_scale"], np.float32)
     center = samples.mean(0)
     new = center + offset + scale * (samples - center)
-    return np.clip(mean + offset, 0, None).astype(np.float32), np.clip(new, 0, None).astype(np.float32)
+    return (mean + offset).astype(np.float32), np.clip(new, 0, None).astype(np.float32)
 
 
 #: numbers of measured spots :func:`adaptation_curve` tries by default

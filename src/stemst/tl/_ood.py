@@ -237,7 +237,7 @@ def depth_factors(model: Any, src: ad.AnnData, depth: Any) -> np.ndarray | None:
     if isinstance(depth, str):
         if depth != "measured":
             raise ValueError(f"depth must be a number, one number per spot, 'measured' or None, got {depth!r}.")
-        totals = library_size(src)
+        totals = library_size(src) if src.X is not None else np.zeros(src.n_obs)
         if not (totals > 0).any():
             raise StemstDataError("depth='measured' needs the spots' counts, but the table has none (all zero).")
         sections = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else np.zeros(src.n_obs)
@@ -269,10 +269,9 @@ def rescale(values: np.ndarray, factors: np.ndarray, transform: str) -> np.ndarr
 def expected_counts(
     mean: np.ndarray, factors: np.ndarray | None, reference: float | None, transform: str
 ) -> np.ndarray:
-    """``layers['counts']``: the mean back-transformed; for library-normalised transforms, scaled to the depth."""
+    """``layers['counts']``: the mean back-transformed, at least 0; for library-normalised transforms, at the depth."""
     from stemst.pp import inverse_transform
     from stemst.pp._transform import get_transform
 
-    if factors is None or not get_transform(transform).needs_library_size:
-        return np.asarray(inverse_transform(mean, method=transform), np.float32)
-    return np.asarray(inverse_transform(mean, method=transform, library_size=factors * reference), np.float32)
+    lib = None if factors is None or not get_transform(transform).needs_library_size else factors * reference
+    return np.clip(inverse_transform(mean, method=transform, library_size=lib), 0, None).astype(np.float32)
