@@ -12,8 +12,8 @@ scale, and with them exactly the shift to detect): the squared distance of the s
 subspace of the training spots' top :data:`OOD_PCS` principal components (at most half the features), per feature, divided by its
 :data:`OOD_QUANTILE` quantile on the training section :func:`stemst.tl.fit` holds out. So about 5% of the spots of
 an unseen section of the training patient score above 1, and a spot above 1 is out of distribution.
-Measured on HER2ST (EfficientNet-Lite0 features): held-out sections of patient C 1-14% above 1, section A1 of
-patient A 69% (``docs/new_patient.md``).
+Measured on HER2ST (EfficientNet-Lite0 features, each leave-one-section-out split of C2-C6): the test sections of
+patient C 2-13% above 1, section A1 of patient A 68% (``docs/new_patient.md``).
 """
 
 from __future__ import annotations
