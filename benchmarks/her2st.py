@@ -59,6 +59,8 @@ METRICS = [
 #: downstream-fidelity metrics (stemst.tl.structure_metrics) and whether higher is better; each method reports the
 #: better of its mean (expected counts) and its first sample, the same rule for every method
 STRUCTURE = {"domain_ari": True, "moran_spearman": True, "svg_overlap": True, "gene_corr_distance": False}
+#: measured spots of the cross-patient section the model is adapted on (stemst.tl.adapt), 0 = not adapted
+ADAPT_SPOTS = (0, 5, 10, 20, 50)
 #: probabilistic baselines: the mean of these deterministic baselines plus noise fitted on fit's held-out section
 NOISY = ("ridge_cv+ctx", "mlp+ctx")
 NOISE_KINDS = ("gauss", "mvn", "resid")
@@ -164,6 +166,7 @@ def run_split(
         steps=SAMPLER_STEPS,
     )
     t_pred = time.perf_counter() - t0
+    ood = dict(sdata.tables[preds["stemst"]].uns.get("stemst_ood", {}).get(test, {}))
     nfe = N_SAMPLES * len(step_grid(SAMPLER, model.module.diffusion.n_steps, SAMPLER_STEPS))
     timings["stemst"] = {"fit_s": t_fit, "predict_s": t_pred, "nfe_per_spot": nfe, "peak_rss_mb": peak_rss_mb()}
 
@@ -245,12 +248,33 @@ def run_split(
         "model": repr(model),
         "model_params": {k: _jsonable(v) for k, v in model.params().items()},
         "model_choices": {k: model.training.get(k) for k in ("validation", "head", "early_stopping", "calibration")},
+        "ood_warned": bool(ood.get("warned", False)),
+        "ood": ood,
     }
+    if test not in C_SECTIONS:
+        out["cross_patient"] = cross_patient_record(sdata, model, test, ood)
     if curve:
         out["sampling_curve"] = sampling_curve(sdata, model, test)
     for k in preds.values():
         del sdata.tables[k]
     return out
+
+
+def cross_patient_record(sdata, model, test: str, ood: dict, *, ks=ADAPT_SPOTS) -> dict:
+    """The new-patient story of a split: the OOD summary, and the model adapted on 0, 5, ... measured spots.
+
+    ``stemst.tl.adaptation_curve``: for each ``k``, ``k`` spots of ``test`` drawn with seed 0, the model adapted on
+    them (``stemst.tl.adapt``) and scored on the other spots (``k = 0``: the model as trained, every spot).
+    """
+    curve = stemst.tl.adaptation_curve(
+        model, sdata, section=test, n_measured=ks, n_samples=N_SAMPLES, rng=0, sampler=SAMPLER, steps=SAMPLER_STEPS
+    )
+    keys = ("n_measured", "n_scored", "mean_pearson", "mse", "coverage_50", "coverage_90")
+    return {
+        "section": test,
+        "ood": {"warned": bool(ood.get("warned", False)), "fraction_ood": _num(ood.get("fraction_ood"))},
+        "adaptation": [{k: row[k] for k in keys} for row in curve.to_dict("records")],
+    }
 
 
 def _num(v):
@@ -422,6 +446,7 @@ def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
         markdown_table(df.set_index(["split", "method"])[cols].reset_index(level=0), index=True),
         "",
     ]
+    lines += cross_patient_lines(result)
     curves = [(s["test"], row) for s in result["splits"] for row in s.get("sampling_curve", [])]
     if curves:
         c = pd.DataFrame([{"test": t, **r} for t, r in curves])
@@ -438,6 +463,38 @@ def write_docs(result: dict, df: pd.DataFrame, mean: pd.DataFrame) -> None:
             "",
         ]
     DOCS.write_text("\n".join(lines))
+
+
+def cross_patient_lines(result: dict) -> list[str]:
+    """Markdown: the OOD warning of every split, and the cross-patient adaptation curve."""
+    splits = [s for s in result["splits"] if "ood_warned" in s]
+    if not splits:
+        return []
+    lines = [
+        "### Shift diagnostics and few-shot adaptation",
+        "",
+        "Out-of-distribution warning of `stemst.tl.predict` per split (a section is warned about when more than half "
+        "of its spots score above 1; about 5% of held-out training spots do):",
+        "",
+        "| test section | share of spots out of distribution | warned |",
+        "|---|---|---|",
+    ]
+    for s in splits:
+        frac = s.get("ood", {}).get("fraction_ood")
+        lines.append(
+            f"| {s['test']} | {'-' if frac is None else f'{frac:.2f}'} | {'yes' if s['ood_warned'] else 'no'} |"
+        )
+    cross = result.get("cross_patient")
+    if cross:
+        lines += [
+            "",
+            f"Cross-patient section {cross['section']}: the model adapted (`stemst.tl.adapt`) on k measured spots "
+            "(drawn with seed 0) and scored on the other spots of the section (k = 0: the model as trained, every "
+            "spot).",
+            "",
+            markdown_table(pd.DataFrame(cross["adaptation"]).set_index("n_measured")),
+        ]
+    return [*lines, ""]
 
 
 def write_results(args, splits: list[dict], sdata, key: str, t_start: float) -> pd.DataFrame:
@@ -460,6 +517,7 @@ def write_results(args, splits: list[dict], sdata, key: str, t_start: float) -> 
     }
     df, mean = summarise(splits)
     result["loso_mean"] = {m: {k: _num(v) for k, v in row.items()} for m, row in mean.iterrows()}
+    result["cross_patient"] = next((s["cross_patient"] for s in splits if "cross_patient" in s), None)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "her2st.json").write_text(json.dumps(result, indent=1, default=_jsonable))
     write_docs(result, df, mean)

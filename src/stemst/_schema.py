@@ -35,6 +35,13 @@ UNS_KEY = "stemst"
 PANEL_KEY = "stemst_panel"
 PREDICTION_KEY = "stemst_prediction"
 N_SECTIONS_KEY = "n_sections"
+#: prediction table ``obs``: each spot's out-of-distribution score (1 = the threshold) and whether it exceeds it
+OOD_SCORE_KEY = "ood_score"
+OOD_KEY = "ood"
+#: prediction table ``uns``: the per-section out-of-distribution summary
+OOD_UNS_KEY = "stemst_ood"
+#: prediction table ``obs``: the spots an adapted model was adapted on (measured; :func:`stemst.tl.evaluate` skips them)
+MEASURED_KEY = "adapt_measured"
 #: what the data model keeps in the counts table, by attribute: no function's ``key_added`` may replace these
 RESERVED_KEYS: dict[str, dict[str, str]] = {
     "obs": {SECTION_KEY: "the spots' sections", REGION_KEY: "the spots' circles", INSTANCE_KEY: "the spot ids"},

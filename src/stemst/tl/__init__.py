@@ -1,5 +1,6 @@
 """Tools: train the diffusion model, predict, evaluate, and baselines (metrics: :mod:`stemst.metrics`)."""
 
+from ._adapt import adapt, adaptation_curve
 from ._base import Predictor
 from ._baselines import KNNBaseline, MLPBaseline, RidgeBaseline, fit_baseline
 from ._evaluate import Evaluation, compare, evaluate, library_size_yardstick, normalized_expression
@@ -14,6 +15,8 @@ __all__ = [
     "Predictor",
     "predict",
     "predict_image",
+    "adapt",
+    "adaptation_curve",
     "smooth",
     "fit",
     "StemstModel",

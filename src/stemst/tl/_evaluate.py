@@ -22,6 +22,7 @@ from stemst._docs import (
 )
 from stemst._logging import logger
 from stemst._schema import (
+    MEASURED_KEY,
     PREDICTION_KEY,
     SECTION_KEY,
     SPATIAL_KEY,
@@ -141,7 +142,8 @@ def evaluate(
 ) -> Evaluation:
     """Compare predicted with measured expression, gene by gene and overall.
 
-    The prediction table's spots are matched to the counts table by ``obs_names``; the measured targets are the
+    The prediction table's spots are matched to the counts table by ``obs_names`` (those an adapted model was
+    adapted on, ``obs['adapt_measured']``, are left out: see :func:`stemst.tl.adapt`); the measured targets are the
     counts transformed with the model's own transform (``uns['stemst_prediction']['transform']``, e.g.
     log2(count + 1)), so predicted ``X`` and measured values are on the same scale.
 
@@ -190,6 +192,9 @@ def evaluate(
         if not mask.any():
             raise StemstDataError(f"Prediction {pred_key!r} has no spots in sections {sections!r}.")
         pred = pred[mask]
+    if MEASURED_KEY in pred.obs and pred.obs[MEASURED_KEY].to_numpy(bool).any():  # what stemst.tl.adapt measured
+        logger.info("Skipping the %d spots the model was adapted on", int(pred.obs[MEASURED_KEY].sum()))
+        pred = pred[~pred.obs[MEASURED_KEY].to_numpy(bool)]
     panel = pred.var_names.tolist() if genes is None else resolve_genes(pred, list(genes))
     measured = _aligned_measurement(pred, get_table(sdata, table_key), pred_key, table_key)
     resolve_genes(measured, panel)

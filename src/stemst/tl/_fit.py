@@ -32,6 +32,7 @@ from stemst.model.joint import gather, pack
 from stemst.model.losses import Parameterization
 from stemst.tl._data import TrainingSet, as_tables, training_pairs
 from stemst.tl._model import StemstModel
+from stemst.tl._ood import shift_reference
 from stemst.tl._validation import N_BLOCKS, EarlyStopping, holdout_groups, joint_space, prepare_head
 from stemst.tl._validation import calibrate as calibrate_spread
 
@@ -320,6 +321,17 @@ def fit(
         torch.manual_seed(training.seed)
         module = (JointDiffusionModel if joint else DiffusionModel)(len(ts.genes), pairs.shape[1], network, diffusion)
     record: dict[str, Any] = {"validation": held}
+    held_rows = groups == held if held is not None else None
+    ood, record["depth"] = shift_reference(
+        data,
+        table_key,
+        ts,
+        embedding_key=embedding_key,
+        encoder=encoder,
+        sections=sections,
+        held=held_rows,
+        seed=training.seed,
+    )
     if diffusion.head_pcs:
         residuals, record["head"] = prepare_head(module, cond, ts.Y, groups, seed=training.seed)
         y = module.head(cond) + torch.as_tensor(residuals)  # the diffusion learns the cross-fitted residuals
@@ -347,7 +359,7 @@ def fit(
 
     def wrap(ema: DiffusionModel, step: int, history: list[dict[str, float]]) -> StemstModel:
         final = {"steps_trained": step, "final_loss": history[-1]["loss"] if history else None}
-        return StemstModel(ema, **about, encoder=encoder, training={**record, **final}, history=history)
+        return StemstModel(ema, **about, encoder=encoder, training={**record, **final}, history=history, ood=ood)
 
     def on_log(state: TrainingState) -> bool | None:
         stop = stopper(state) if stopper is not None else False

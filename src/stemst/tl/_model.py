@@ -84,6 +84,11 @@ class StemstModel(Predictor):
         JSON-ready record of the training: its settings, the data it saw, ``steps_trained`` and ``final_loss``.
     history
         Training curve: one dict per logged step with ``step``, ``loss``, ``mse``, ``lr``, ``time`` (seconds).
+    ood
+        The training spots' embedding reference of the out-of-distribution score (:mod:`stemst.tl._ood`), or
+        ``None`` (models saved before it existed: no score).
+    adaptation
+        Set by :func:`stemst.tl.adapt`: the per-gene offsets and spread scales :func:`stemst.tl.predict` applies.
 
     Examples
     --------
@@ -115,6 +120,8 @@ class StemstModel(Predictor):
         encoder: dict | None = None,
         training: dict[str, Any] | None = None,
         history: list[dict[str, float]] | None = None,
+        ood: dict[str, Any] | None = None,
+        adaptation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(genes=genes, embedding_key=embedding_key, transform=transform, encoder=encoder)
         if module.n_genes != len(self.genes):
@@ -122,6 +129,8 @@ class StemstModel(Predictor):
         self.module = module.eval()
         self.training = dict(training or {})
         self.history = list(history or [])
+        self.ood = ood
+        self.adaptation = adaptation
 
     @property
     def embedding_dim(self) -> int:
@@ -140,6 +149,8 @@ class StemstModel(Predictor):
             "network": self.module.network.as_dict(),
             "diffusion": self.module.diffusion.as_dict(),
             "training": self.training,
+            "ood": self.ood,
+            "adaptation": self.adaptation,
         }
 
     @classmethod
@@ -161,7 +172,7 @@ class StemstModel(Predictor):
         if state_dict is not None:
             defaults = {k: v for k, v in module.state_dict().items() if k in CALIBRATION_BUFFERS}
             module.load_state_dict({**defaults, **state_dict})  # models saved before calibration existed
-        keys = ("genes", "embedding_key", "transform", "encoder", "training")
+        keys = ("genes", "embedding_key", "transform", "encoder", "training", "ood", "adaptation")
         return cls(module, **{k: config.get(k) for k in keys}, history=history)
 
     @property

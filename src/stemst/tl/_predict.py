@@ -21,6 +21,10 @@ from stemst._errors import warn
 from stemst._logging import logger
 from stemst._schema import (
     INSTANCE_KEY,
+    MEASURED_KEY,
+    OOD_KEY,
+    OOD_SCORE_KEY,
+    OOD_UNS_KEY,
     PANEL_KEY,
     PREDICTION_KEY,
     REGION_KEY,
@@ -104,6 +108,77 @@ def _check_resolution(model: Predictor, src: ad.AnnData) -> None:
             )
 
 
+def _draw(
+    model: Predictor, src: ad.AnnData, X: np.ndarray, n_draw: int, rng: RNGLike, progress: bool, sample_kwargs: dict
+) -> np.ndarray:
+    """Draw the model's samples ``(n_draw, n, genes)`` for the spots of ``src`` (the joint model gets their centres)."""
+    if getattr(model, "spatial", False) and SPATIAL_KEY in src.obsm:  # the joint model samples neighbourhoods
+        secs = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else None
+        sample_kwargs = {**sample_kwargs, "coords": np.asarray(src.obsm[SPATIAL_KEY])[:, :2], "sections": secs}
+    samples = np.asarray(model.sample(X, n_samples=n_draw, rng=rng, progress=progress, **sample_kwargs), np.float32)
+    if samples.shape != (n_draw, len(X), model.n_genes):
+        raise RuntimeError(
+            f"{model.method} returned samples of shape {samples.shape}, expected {(n_draw, len(X), model.n_genes)}."
+        )
+    return samples
+
+
+def _adjust(
+    model: Predictor, mean: np.ndarray, samples: np.ndarray, factors: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the model's adaptation (:func:`stemst.tl.adapt`) and the depth factors to the mean and the samples."""
+    from stemst.tl._adapt import apply_adaptation
+    from stemst.tl._ood import rescale
+
+    adaptation = getattr(model, "adaptation", None)
+    if adaptation:
+        logger.info(
+            "Applying the adaptation to section %r (%d measured spots)", adaptation["section"], adaptation["n_measured"]
+        )
+        mean, samples = apply_adaptation(adaptation, mean, samples)
+        if factors is not None:
+            warn(
+                "The model is adapted (stemst.tl.adapt): its levels already match the measured spots' depth, and "
+                "depth= rescales the counts once more. Pass depth=None unless that is meant."
+            )
+    if factors is not None:
+        mean, samples = rescale(mean, factors, model.transform), rescale(samples, factors, model.transform)
+    return mean, samples
+
+
+def _prediction_obs(src: ad.AnnData) -> pd.DataFrame:
+    """Copy the source spots' section, region, spot id and array coordinates (the prediction annotates their circles)."""
+    obs = pd.DataFrame(index=src.obs_names.copy())
+    for col in src.obs.columns:
+        if col in ("section", REGION_KEY, INSTANCE_KEY) or col.startswith("array_"):
+            values = src.obs[col]
+            if isinstance(values.dtype, pd.CategoricalDtype):  # kept categorical: squidpy's library_key needs it
+                values = values.cat.remove_unused_categories()
+            obs[col] = values.array.copy()
+    return obs
+
+
+def _diagnostics(out: ad.AnnData, model: Predictor, ood: tuple | None) -> None:
+    """Store the out-of-distribution scores and summary and mark the spots an adapted model was adapted on."""
+    if ood is not None:
+        out.obs[OOD_SCORE_KEY], out.uns[OOD_UNS_KEY] = ood
+        out.obs[OOD_KEY] = out.obs[OOD_SCORE_KEY] > 1
+    adaptation = getattr(model, "adaptation", None)
+    if adaptation:
+        out.obs[MEASURED_KEY] = out.obs_names.isin(adaptation["spots"])
+
+
+def _depth_params(model: Predictor, factors: np.ndarray | None, depth: Any) -> dict[str, Any]:
+    """Return what the prediction records about the depth its counts assume (total counts per spot)."""
+    ref = (getattr(model, "training", None) or {}).get("depth", {}).get("median_total_counts")
+    if ref is None:
+        return {}
+    assumed = ref if factors is None else float(np.median(factors)) * ref
+    what = "the training median" if depth is None else (depth if isinstance(depth, str) else "given")
+    logger.info("The predicted counts assume %.0f total counts per spot (%s)", assumed, what)
+    return {"training_depth": float(ref), "depth": float(assumed), "depth_source": what}
+
+
 @doc_params(table_key=doc_table_key, sections=doc_sections, overwrite=doc_overwrite, rng=doc_rng, progress=doc_progress)
 def predict(
     model: Predictor,
@@ -115,6 +190,7 @@ def predict(
     key_added: str | None = None,
     overwrite: bool = False,
     keep_samples: bool = True,
+    depth: float | np.ndarray | str | None = None,
     max_memory_gb: float = MAX_MEMORY_GB,
     rng: RNGLike = 0,
     progress: bool = True,
@@ -122,10 +198,16 @@ def predict(
 ) -> str | ad.AnnData:
     """Predict expression for every spot and store it as a new table linked to the same spots.
 
+    Every predicted section is also checked for a shift from the training data: each spot gets an
+    out-of-distribution score of its image embedding against the training spots' (:mod:`stemst.tl._ood`; above 1
+    for about 5% of unseen spots like the training ones), and a :class:`~stemst.StemstWarning` names any section
+    most of whose spots score above 1, as it does a section embedded at another resolution than the training ones.
+
     Parameters
     ----------
     model
-        A trained :class:`~stemst.tl.StemstModel` or baseline.
+        A trained :class:`~stemst.tl.StemstModel` or baseline; an adapted one (:func:`stemst.tl.adapt`) has its
+        per-gene levels and spread applied.
     data
         :class:`~spatialdata.SpatialData` with an embedded table, or an :class:`~anndata.AnnData`.
     {table_key}
@@ -137,6 +219,15 @@ def predict(
     {overwrite}
     keep_samples
         Store the samples in ``obsm['samples']``.
+    depth
+        The sequencing depth (total counts per spot) the counts should assume. ``None``: the training data's median
+        (recorded in ``uns['stemst_prediction']['depth']``). A number (the new run's median total count per spot),
+        one number per spot, or ``"measured"`` (each section's median total count in the counts table) multiplies
+        the expected counts by ``depth / training depth``, and the mean and the samples on the model's scale
+        accordingly (a log2(count + 1) target changes, a library-normalised one does not); the normalised
+        expression (``normalize_total`` + ``log1p`` of ``layers['counts']``) does not change. The image already
+        predicts how depth varies with cellularity from spot to spot: pass per-spot values only for depth that
+        varies for other reasons.
     max_memory_gb
         Refuse to start when the samples (:func:`sample_memory_gb`: spots x samples x genes float32, about 4
         copies at the peak) would need more memory than this; above :data:`WARN_MEMORY_GB` a warning says how much.
@@ -156,8 +247,11 @@ def predict(
       inflate each gene by its own spread);
     - ``obsm['samples']``: the samples, ``(n_spots, n_samples, n_genes)`` float32 (if ``keep_samples``);
     - ``obs``: the source spots' ``section``, ``region`` and ``spot_id`` (so it annotates the same circles),
-      ``obsm['spatial']`` and ``uns['stemst']`` copied;
-    - ``uns['stemst_prediction']``: the settings (method, samples, sampler, seed, source table).
+      ``ood_score`` and ``ood`` (score above 1; models fitted before the score existed have none) and, for an
+      adapted model, ``adapt_measured`` (the spots it was adapted on); ``obsm['spatial']`` and ``uns['stemst']``
+      copied;
+    - ``uns['stemst_ood']``: per section, ``fraction_ood``, ``median_score``, ``n_spots`` and ``warned``;
+    - ``uns['stemst_prediction']``: the settings (method, samples, sampler, seed, source table, depth).
 
     Examples
     --------
@@ -165,7 +259,7 @@ def predict(
     >>> sdata.tables[key].layers["std"].shape  # C6's 178 spots, the model's 20 genes
     (178, 20)
     """
-    from stemst.pp import inverse_transform
+    from stemst.tl._ood import depth_factors, diagnose, expected_counts
 
     if not isinstance(model, Predictor):
         raise TypeError(f"model must be a stemst model or baseline, got {type(model).__name__}.")
@@ -179,45 +273,37 @@ def predict(
         raise StemstDataError(f"No spots selected (sections={sections!r}).")
     src = src[mask]
     model.check_table(src)
+    factors = depth_factors(model, src, depth)
     _check_resolution(model, src)
+    ood = diagnose(model, src)
     n_draw = n_samples if model.stochastic else 1
     check_memory(src.n_obs, n_draw, model.n_genes, keep_samples=keep_samples, max_memory_gb=max_memory_gb)
     X = get_embeddings(src, model.embedding_key)
     logger.info("Predicting %d spots x %d genes with %s (%d samples)", len(X), model.n_genes, model.method, n_draw)
-    if getattr(model, "spatial", False) and SPATIAL_KEY in src.obsm:  # the joint model samples neighbourhoods
-        secs = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else None
-        sample_kwargs = {**sample_kwargs, "coords": np.asarray(src.obsm[SPATIAL_KEY])[:, :2], "sections": secs}
-    samples = np.asarray(model.sample(X, n_samples=n_draw, rng=rng, progress=progress, **sample_kwargs), np.float32)
-    if samples.shape != (n_draw, len(X), model.n_genes):
-        raise RuntimeError(
-            f"{model.method} returned samples of shape {samples.shape}, expected {(n_draw, len(X), model.n_genes)}."
-        )
+    samples = _draw(model, src, X, n_draw, rng, progress, sample_kwargs)
+    mean = np.asarray(model.point_estimate(X, samples), np.float32)
+    mean, samples = _adjust(model, mean, samples, factors)
 
-    obs = pd.DataFrame(index=src.obs_names.copy())
-    for col in src.obs.columns:
-        if col in ("section", REGION_KEY, INSTANCE_KEY) or col.startswith("array_"):
-            values = src.obs[col]
-            if isinstance(values.dtype, pd.CategoricalDtype):  # kept categorical: squidpy's library_key needs it
-                values = values.cat.remove_unused_categories()
-            obs[col] = values.array.copy()
     var = pd.DataFrame(index=pd.Index(model.genes))
     var[PANEL_KEY] = True
-    mean = np.asarray(model.point_estimate(X, samples), np.float32)
-    out = ad.AnnData(X=mean, obs=obs, var=var)
+    out = ad.AnnData(X=mean, obs=_prediction_obs(src), var=var)
     out.layers[STD_LAYER] = samples.std(0).astype(np.float32)
     # the counts at the predicted centre: its composition is what normalize_total + log1p sees (averaging the
     # back-transformed samples instead inflates each gene by its own spread and distorts the composition)
-    out.layers[COUNTS_LAYER] = np.asarray(inverse_transform(mean, method=model.transform), np.float32)
+    depth_info = _depth_params(model, factors, depth)
+    out.layers[COUNTS_LAYER] = expected_counts(mean, factors, depth_info.get("training_depth"), model.transform)
     if keep_samples:
         out.obsm[SAMPLES_KEY] = np.ascontiguousarray(samples.transpose(1, 0, 2))
     if SPATIAL_KEY in src.obsm:
         out.obsm[SPATIAL_KEY] = np.asarray(src.obsm[SPATIAL_KEY]).copy()
     if UNS_KEY in src.uns:
         out.uns[UNS_KEY] = {k: v for k, v in src.uns[UNS_KEY].items() if k == "sections"}
+    _diagnostics(out, model, ood)
     params = {**model.params(), **{k: v for k, v in sample_kwargs.items() if isinstance(v, str | int | float | bool)}}
-    params.update(n_samples=n_draw, rng=rng if isinstance(rng, int) else None, source_table=table_key)
-    params = {k: v for k, v in params.items() if v is not None}
-    out.uns[PREDICTION_KEY] = params
+    params.update(n_samples=n_draw, rng=rng if isinstance(rng, int) else None, source_table=table_key, **depth_info)
+    if getattr(model, "adaptation", None):
+        params.update(adapted_on=model.adaptation["section"], n_measured=model.adaptation["n_measured"])
+    out.uns[PREDICTION_KEY] = {k: v for k, v in params.items() if v is not None}
 
     if isinstance(data, ad.AnnData):
         return out
