@@ -245,7 +245,7 @@ def test_joint_neighbourhood_model_fits_predicts_and_round_trips(embedded, tmp_p
 
 def _neighbour_correlation(samples: np.ndarray, xy: np.ndarray) -> float:
     """Correlation of ring-1 neighbours' deviations from the samples' mean, per gene and sample, averaged."""
-    from stemst.pp._context import neighbourhoods
+    from stemst._spatial import neighbourhoods
 
     nb, _ = neighbourhoods(xy)
     i, j = np.nonzero(nb[:, 1:] >= 0)

@@ -35,7 +35,7 @@ from stemst._docs import (
 from stemst._logging import logger
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError
 from stemst._utils import RNGLike, as_generator
-from stemst.metrics import pearson_per_gene
+from stemst.metrics import mean_pearson
 from stemst.tl._base import Predictor
 from stemst.tl._data import as_tables, training_set
 from stemst.tl._noise import NOISE_KINDS, NoisyBaseline
@@ -115,10 +115,9 @@ class RidgeBaseline(_Baseline):
     method = "ridge"
 
 
-def _mean_pearson(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean per-gene Pearson r over the genes where it is defined (-1 when none is): the CV score."""
-    r = pearson_per_gene(np.asarray(y_pred), np.asarray(y_true))
-    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+def _cv_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Score a cross-validation fold (scikit-learn's argument order): :func:`stemst.metrics.mean_pearson`, -1 if undefined."""
+    return mean_pearson(y_pred, y_true, undefined=-1.0)
 
 
 def _ridge_pipeline(n_components: int, alpha: float = 1.0, memory: str | None = None) -> Pipeline:
@@ -171,7 +170,7 @@ def _fit_ridge(
             search = GridSearchCV(
                 _ridge_pipeline(p, memory=cache),
                 {"ridge__alpha": alphas},
-                scoring=make_scorer(_mean_pearson),
+                scoring=make_scorer(_cv_score),
                 cv=LeaveOneGroupOut(),
                 error_score="raise",
             ).fit(X, Y, groups=groups)

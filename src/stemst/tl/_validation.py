@@ -16,9 +16,10 @@ import torch
 
 from stemst._logging import logger
 from stemst._schema import StemstDataError
+from stemst.metrics import interval_coverage, mean_pearson
 from stemst.model import DiffusionModel, TrainingState, distributed
-from stemst.model.calibration import LEVELS, interval_hits, spread_scales
-from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, spatial_blocks
+from stemst.model.calibration import LEVELS, spread_scales
+from stemst.model.head import cross_fitted_residuals, fit_head, spatial_blocks
 from stemst.tl._data import TrainingSet
 
 #: residual-mean weights tried on the held-out group (0: the head's mean alone)
@@ -83,7 +84,7 @@ def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray,
 
 def joint_space(ts: TrainingSet, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbourhoods (indices, offsets) of the training spots, or of the subset ``rows`` (indices local to it)."""
-    from stemst.pp._context import neighbourhoods
+    from stemst._spatial import neighbourhoods
 
     if ts.coords is None:
         raise StemstDataError("The joint model needs the spot centres obsm['spatial'] of every training table.")
@@ -235,6 +236,11 @@ def _shared_samples(module: DiffusionModel, cond: torch.Tensor, *, n_samples: in
     return distributed.all_sum(out).cpu().numpy()
 
 
+def _coverage(samples: np.ndarray, y: np.ndarray, level: float) -> float:
+    """Share of ``y`` inside the central ``level`` interval of ``(n_samples, n, genes)`` samples."""
+    return float(interval_coverage(samples.transpose(1, 0, 2), y, level).mean())
+
+
 @torch.no_grad()
 def calibrate(
     module: DiffusionModel,
@@ -272,7 +278,7 @@ def calibrate(
         .numpy()
     )
     offset = module.y_mean.cpu().numpy()
-    scores = [mean_pearson(base + offset + w * m, Y) for w in RESIDUAL_WEIGHTS]
+    scores = [mean_pearson(base + offset + w * m, Y, undefined=-1.0) for w in RESIDUAL_WEIGHTS]
     weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
     module.set_calibration(weight, 1.0)
     if space is None:
@@ -283,12 +289,12 @@ def calibrate(
             cond, n_samples=n_samples, steps=steps, generator=gen, neighbours=space[0], offsets=space[1]
         )
         samples = (drawn - module.head(cond)).cpu().numpy()
-    before = {f"coverage_{round(q * 100)}": float(interval_hits(samples, residuals, q).mean()) for q in LEVELS}
+    before = {f"coverage_{round(q * 100)}": _coverage(samples, residuals, q) for q in LEVELS}
     scales = spread_scales(samples, residuals)
     module.set_calibration(weight, torch.as_tensor(scales, dtype=torch.float32))
     center = samples.mean(0)
     wide = center + scales * (samples - center)
-    after = {f"coverage_{round(q * 100)}": float(interval_hits(wide, residuals, q).mean()) for q in LEVELS}
+    after = {f"coverage_{round(q * 100)}": _coverage(wide, residuals, q) for q in LEVELS}
     about = {
         "residual_weight": weight,
         "weights_tried": list(RESIDUAL_WEIGHTS),
