@@ -82,7 +82,7 @@ def test_mlp_head_learns_a_nonlinear_map_and_lives_in_the_module():
     import torch
 
     from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
-    from stemst.tl._validation import fit_mlp_head
+    from stemst.model.recipe import fit_mlp_head
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 8)) * 3 + 5  # raw scale: the standardisation is folded into the weights

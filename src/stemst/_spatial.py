@@ -7,12 +7,15 @@ variogram score's neighbour pairs) build their graphs here, so none of them impo
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from stemst._schema import StemstDataError
+from stemst._errors import StemstDataError
+
+if TYPE_CHECKING:
+    import anndata as ad
 
 
 def spot_spacing(coords: np.ndarray) -> float:
@@ -117,3 +120,11 @@ def ring_graphs(adata: ad.AnnData, n_rings: int, spacing: float) -> list[sp.csr_
         deg = np.asarray(adj.sum(1)).ravel()
         graphs.append(sp.diags(np.divide(1.0, deg, out=np.zeros_like(deg), where=deg > 0)) @ adj)
     return graphs
+
+
+def check_spacing(spacing_um: Any) -> None:
+    """Refuse a grid spacing that is not a positive, finite number of micrometres."""
+    if isinstance(spacing_um, bool) or not (
+        isinstance(spacing_um, int | float | np.number) and np.isfinite(spacing_um) and spacing_um > 0
+    ):
+        raise ValueError(f"spacing_um must be a positive number of micrometres, got {spacing_um!r}.")

@@ -7,17 +7,10 @@ from typing import Any
 import numpy as np
 
 from stemst._schema import TABLE_KEY, get_image, get_table, section_info
+from stemst._spatial import check_spacing
 from stemst.io._image import tissue_mask
 
 __all__ = ["check_spacing", "grid_spots", "tissue_mask"]
-
-
-def check_spacing(spacing_um: Any) -> None:
-    """Refuse a grid spacing that is not a positive, finite number of micrometres."""
-    if isinstance(spacing_um, bool) or not (
-        isinstance(spacing_um, int | float | np.number) and np.isfinite(spacing_um) and spacing_um > 0
-    ):
-        raise ValueError(f"spacing_um must be a positive number of micrometres, got {spacing_um!r}.")
 
 
 def grid_spots(

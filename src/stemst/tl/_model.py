@@ -16,7 +16,7 @@ from stemst._errors import StemstFileError
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import RNGLike, read_json, reading
 from stemst._version import __version__
-from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig
+from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig, build_module
 from stemst.model.networks import n_parameters
 from stemst.model.samplers import step_grid
 from stemst.tl._base import Predictor
@@ -150,8 +150,7 @@ class StemstModel(Predictor):
         history: list[dict[str, float]] | None = None,
     ) -> StemstModel:
         """Rebuild a model from :attr:`config` and, if given, the module's ``state_dict``."""
-        kind = JointDiffusionModel if config["network"].get("architecture") == "neighbourhood" else DiffusionModel
-        module = kind(
+        module = build_module(
             len(config["genes"]),
             int(config["cond_dim"]),
             NetworkConfig(**config["network"]),
