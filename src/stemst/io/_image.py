@@ -200,6 +200,12 @@ def _as_uint8(image: Any, what: str, peak: int | None = None) -> Any:
         return _uint16_as_uint8(image, what, peak)
     if lazy:
         raise StemstDataError(f"{what}: cannot read an H&E image of dtype {dtype}; expected 8- or 16-bit RGB.")
+    return _in_memory_as_uint8(image, what)
+
+
+def _in_memory_as_uint8(image: np.ndarray, what: str) -> np.ndarray:
+    """Scale an in-memory image of another integer or a float type to uint8, from its range of values."""
+    dtype = image.dtype
     finite = np.isfinite(image) if np.issubdtype(dtype, np.floating) else np.ones(image.shape, bool)
     lo = float(image[finite].min()) if finite.any() else 0.0
     hi = float(image[finite].max()) if finite.any() else 0.0
