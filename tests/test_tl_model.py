@@ -379,3 +379,26 @@ def test_load_unknown_format_names_the_writer(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**meta, "format_version": 7, "stemst_version": "9.1.0"}))
     with pytest.raises(ValueError, match=r"format 7, written by stemst 9\.1\.0"):
         StemstModel.load(tmp_path / "m")
+
+
+def test_fit_takes_config_objects_and_records_them(embedded):
+    """Config objects are used as they are (a dict would override the preset's fields instead); the record holds the
+    resolved training settings (the given lr, the batch capped at the training pairs: one spatial block of C2 is
+    held out) and the saved config the network given; no calibration when the recipe says so."""
+    from stemst.model import NetworkConfig, RecipeConfig, TrainingConfig
+
+    c2 = embedded.tables["table"][embedded.tables["table"].obs["section"] == "C2"].copy()
+    with pytest.warns(stemst.StemstWarning, match="batch_size=100000 exceeds"):
+        m = fit(
+            c2,
+            embedding_key=KEY,
+            steps=3,
+            network=NetworkConfig("mlp", width=16, depth=1),
+            training=TrainingConfig(lr=5e-4, batch_size=100_000, log_every=1),
+            recipe=RecipeConfig(calibrate=False),
+            progress=False,
+        )
+    assert m.config["network"] == NetworkConfig("mlp", width=16, depth=1).as_dict()
+    assert m.training["lr"] == 5e-4 and m.training["validation"].startswith("block")
+    assert m.training["batch_size"] < m.training["n_spots"]
+    assert "early_stopping" in m.training and "calibration" not in m.training
