@@ -220,16 +220,9 @@ class DiffusionModel(nn.Module):
         return lo - self.diffusion.clip_margin * width, hi + self.diffusion.clip_margin * width
 
     # ---------------------------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        y: torch.Tensor,
-        cond: torch.Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        rows: slice | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the training loss (:meth:`loss`): what :class:`~torch.nn.parallel.DistributedDataParallel` runs."""
-        return self.loss(y, cond, generator=generator, rows=rows)
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the training loss (:meth:`loss`, same arguments): what DistributedDataParallel runs."""
+        return self.loss(*args, **kwargs)
 
     def loss(
         self,
