@@ -100,7 +100,13 @@ def doctest_model(doctest_sdata):
     """Train a small MLP model briefly on C2's colour statistics."""
     import stemst
 
-    kw = {"architecture": "mlp", "width": 32, "depth": 1, "steps": 20, "validation": None, "progress": False}
+    kw = {
+        "architecture": "mlp",
+        "network": {"width": 32, "depth": 1},
+        "steps": 20,
+        "validation": None,
+        "progress": False,
+    }
     return stemst.tl.fit(doctest_sdata, embedding_key="X_color_stats", sections="C2", **kw)
 
 

@@ -102,7 +102,7 @@ def spatial_calibration(sdata, pred_key: str) -> dict:
     ``region_coverage_90``: coverage of the central 90% sample interval of the mean over each spot and its ring-1
     neighbours (independent per-spot noise averages out over a region and makes these intervals too narrow).
     """
-    from stemst.pp._context import neighbourhoods
+    from stemst._spatial import neighbourhoods
     from stemst.tl._data import get_targets
 
     pred = sdata.tables[pred_key]

@@ -19,13 +19,14 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from stemst._torch import resolve_device, torch_generator
-from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig, TrainingConfig, train_step
+from stemst.model import DEFAULT_PRESET, DiffusionModel, NetworkConfig, train_step
 from stemst.model.networks import n_parameters
 from stemst.tl import StemstModel
 
@@ -38,8 +39,8 @@ CONFIGS = {
 }
 
 
-#: the diffusion settings :func:`stemst.tl.fit` uses by default
-FIT_DIFFUSION = DiffusionConfig(head_pcs=256, head_hidden=256, cond_pcs=8, cond_noise=1.0, cond_dropout=0.3)
+#: the diffusion settings :func:`stemst.tl.fit` uses by default (the package's preset)
+FIT_DIFFUSION = DEFAULT_PRESET.diffusion
 
 
 def make_model(network: NetworkConfig, genes: int, dim: int, device: torch.device) -> StemstModel:
@@ -64,7 +65,9 @@ def time_training(model: StemstModel, steps: int, batch: int, device: torch.devi
     """Steps per second of :func:`stemst.model.train_step`, the step :func:`stemst.tl.fit` runs."""
     module = model.module.train()
     ema = copy.deepcopy(module).eval().requires_grad_(False)
-    config = TrainingConfig(steps=steps, batch_size=batch)
+    config = replace(DEFAULT_PRESET.training, steps=steps, batch_size=batch).resolved(
+        8 * batch, default_lr=module.network.default_lr
+    )
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr)
     gen = torch_generator(0, device)
     cond = torch.randn(8 * batch, model.embedding_dim, device=device)

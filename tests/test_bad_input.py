@@ -396,7 +396,13 @@ def test_counts_that_are_not_raw_are_refused_by_select_genes_and_fit(two_section
 def test_diverging_fit_stops_naming_lr(two_sections):
     with pytest.raises(FloatingPointError, match=r"loss exploded from .* at step \d+: training diverged.*lr=1e\+06"):
         stemst.tl.fit(
-            two_sections, embedding_key="X_rand", validation=None, head=False, lr=1e6, steps=50, progress=False
+            two_sections,
+            embedding_key="X_rand",
+            validation=None,
+            diffusion={"head_pcs": None},
+            training={"lr": 1e6},
+            steps=50,
+            progress=False,
         )
 
 
@@ -454,7 +460,13 @@ def test_visium_counts_file_without_genes_is_refused_naming_it(tmp_path, c2):
 def tiny_model(two_sections):
     """A 3-step MLP on the random embeddings: enough to exercise the checks around a model."""
     model = stemst.tl.fit(
-        two_sections, embedding_key="X_rand", validation=None, head=False, steps=3, width=16, depth=1, progress=False
+        two_sections,
+        embedding_key="X_rand",
+        validation=None,
+        diffusion={"head_pcs": None},
+        steps=3,
+        network={"width": 16, "depth": 1},
+        progress=False,
     )
     model.encoder = {"encoder": "color_stats", "patch_size_um": 100.0}
     return model
@@ -528,7 +540,7 @@ def test_checkpoint_lacking_keys_is_named(two_sections, tmp_path):
         stemst.tl.fit(
             two_sections,
             embedding_key="X_rand",
-            head=False,
+            diffusion={"head_pcs": None},
             steps=3,
             checkpoint_dir=tmp_path,
             resume=True,
@@ -566,7 +578,7 @@ def test_saved_model_whose_config_and_weights_disagree_or_lack_a_version(tiny_mo
 @pytest.mark.parametrize("n_spots", [2, 4, 6])
 def test_fit_on_too_few_spots_says_so(two_sections, n_spots):
     c2 = two_sections[np.flatnonzero(two_sections.obs["section"] == "C2")[:n_spots]].copy()
-    with pytest.raises(StemstDataError, match=rf"the {n_spots} training spots make 1 group\(s\).*pass head=False"):
+    with pytest.raises(StemstDataError, match=rf"the {n_spots} training spots make 1 group\(s\).*head_pcs.: None"):
         stemst.tl.fit(c2, embedding_key="X_rand", steps=3, progress=False)
     one_each = two_sections[[0, int(np.flatnonzero(two_sections.obs["section"] == "C6")[0])]].copy()
     with pytest.raises(StemstDataError, match=r"the 2 training spots make 2 group\(s\) of \[1, 1\] spots"):

@@ -35,7 +35,12 @@ def test_gpu_embed_fit_transformer_and_sample(her2st_small, sdata_copy):
     stemst.pp.spatial_context(sdata)
     stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=50)
     m = stemst.tl.fit(
-        sdata, sections="C2", steps=200, architecture="transformer", depth=2, width=128, heads=4, progress=False
+        sdata,
+        sections="C2",
+        steps=200,
+        architecture="transformer",
+        network={"depth": 2, "width": 128, "heads": 4},
+        progress=False,
     )
     assert m.module.network.architecture == "transformer" and m.module.device.type == "cuda"
     key = stemst.tl.predict(m, sdata, sections="C6", n_samples=10, progress=False)

@@ -27,7 +27,13 @@ def predicted(her2st_small, sdata_copy):
     stemst.pp.embed_patches(sdata, encoder="color_stats", augment=False, progress=False)
     stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=30)
     model = stemst.tl.fit(
-        sdata, sections="C2", embedding_key=EMBEDDING, steps=20, width=32, depth=1, validation=None, calibrate=False
+        sdata,
+        sections="C2",
+        embedding_key=EMBEDDING,
+        steps=20,
+        network={"width": 32, "depth": 1},
+        validation=None,
+        recipe={"calibrate": False},
     )
     key = stemst.tl.predict(model, sdata, n_samples=5, rng=0, progress=False)
     return sdata, key

@@ -58,8 +58,26 @@ def test_configs_fill_defaults_validate_and_roundtrip():
             cls(**kwargs)
     assert TrainingConfig().resolved(1000).steps == 2000
     assert TrainingConfig(epochs=1.5, batch_size=100).resolved(1000) == TrainingConfig(
-        steps=15, epochs=1.5, batch_size=100, log_every=1
+        steps=15, epochs=1.5, batch_size=100, lr=1e-3, log_every=1
     )
+
+
+def test_batch_and_lr_are_resolved_in_one_place():
+    """``batch_size=None`` is 256 or all pairs, silently; an explicit batch above the pairs is capped with a warning;
+    ``lr=None`` takes the architecture's; resolving twice changes nothing (``fit`` and ``train`` both resolve)."""
+    import warnings
+
+    import stemst
+
+    assert TrainingConfig().resolved(1000).batch_size == 256
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = TrainingConfig().resolved(100)
+    assert small.batch_size == 100 and small.resolved(100) == small
+    with pytest.warns(stemst.StemstWarning, match="batch_size=500 exceeds the 100 training pairs"):
+        assert TrainingConfig(batch_size=500).resolved(100).batch_size == 100
+    assert TrainingConfig().resolved(10, default_lr=NetworkConfig("transformer").default_lr).lr == 1e-4
+    assert TrainingConfig(lr=0.5).resolved(10, default_lr=1e-4).lr == 0.5
 
 
 def test_module_buffers_and_state_dict():
@@ -134,3 +152,35 @@ def test_ema_and_lr_helpers():
     assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(0.09 * math.pi)))
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(50, TrainingConfig(lr=0.3)) == 0.3
+
+
+def test_preset_merges_dicts_replaces_configs_and_records_what_is_trained():
+    from stemst.model import DEFAULT_PRESET, RecipeConfig
+
+    base = DEFAULT_PRESET.resolve()
+    assert base.network == NetworkConfig("mlp") and base.diffusion == DEFAULT_PRESET.diffusion
+    assert (base.diffusion.head_pcs, base.diffusion.head_hidden, base.diffusion.cond_pcs) == (256, 256, 8)
+    # a dict overrides single fields of the preset's config; a config object replaces it
+    tuned = DEFAULT_PRESET.resolve(diffusion={"cond_pcs": 4}, training={"lr": 3e-4}, steps=7, batch_size=32, seed=5)
+    assert tuned.diffusion.cond_pcs == 4 and tuned.diffusion.head_pcs == 256
+    assert (tuned.training.lr, tuned.training.steps, tuned.training.batch_size, tuned.training.seed) == (
+        3e-4,
+        7,
+        32,
+        5,
+    )
+    assert DEFAULT_PRESET.resolve(diffusion=DiffusionConfig()).diffusion.head_pcs is None
+    assert DEFAULT_PRESET.resolve(recipe=RecipeConfig(patience=2)).recipe.patience == 2
+    # the architecture picks the sizes' defaults; a network dict adds to it
+    net = DEFAULT_PRESET.resolve(architecture="transformer", network={"depth": 2}).network
+    assert (net.architecture, net.depth, net.width) == ("transformer", 2, 384)
+    with pytest.raises(ValueError, match="disagrees"):
+        DEFAULT_PRESET.resolve(architecture="transformer", network=NetworkConfig("mlp"))
+    with pytest.raises(TypeError, match=r"network has no field\(s\) \['widht'\]"):
+        DEFAULT_PRESET.resolve(network={"widht": 3})
+    # no mean head: no MLP half either
+    assert DEFAULT_PRESET.resolve(diffusion={"head_pcs": None}).diffusion.head_hidden is None
+    # the joint model trains without a learned variance: its record says vlb_weight 0, not the unused default
+    joint = DEFAULT_PRESET.resolve(architecture="neighbourhood")
+    assert not joint.network.learn_variance and joint.diffusion.vlb_weight == 0.0
+    assert base.diffusion.vlb_weight == 1e-3

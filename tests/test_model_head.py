@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from stemst.model.calibration import interval_hits, spread_scales
-from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, reduce_rank, ridge_path
+from stemst.metrics import interval_coverage, mean_pearson
+from stemst.model.calibration import spread_scales
+from stemst.model.head import cross_fitted_residuals, fit_head, reduce_rank, ridge_path
 
 
 def _low_rank(n=240, k=20, g=30, rank=2, noise=1.0, seed=0):
@@ -58,7 +59,7 @@ def test_spread_scales_recover_known_factors():
     samples = rng.normal(size=(100, 500, 3))
     s = spread_scales(samples, y)
     np.testing.assert_allclose(s, truth, rtol=0.12)
-    cov = interval_hits(samples * s, y, 0.9).mean(0)
+    cov = interval_coverage((samples * s).transpose(1, 0, 2), y, 0.9)
     np.testing.assert_allclose(cov, 0.9, atol=0.04)
     # with few spots, one scale for all genes
     s_few = spread_scales(samples[:, :20], y[:20])
@@ -70,18 +71,18 @@ def test_spread_scales_recover_known_factors():
     # samples 1..100: the central 50% interval is [25.75, 75.25], the central 90% one [5.95, 95.05]
     [(0.5, [True, False, False, False, False]), (0.9, [True, True, True, False, False])],
 )
-def test_interval_hits_known_answer(level, expected):
-    samples = np.arange(1, 101, dtype=float)[:, None, None]  # 1..100
+def test_interval_coverage_known_answer(level, expected):
+    samples = np.arange(1, 101, dtype=float)[None, :, None]  # 1..100
     y = np.array([50.0, 10.0, 90.0, 99.9, 0.0])[:, None]
-    hits = interval_hits(np.broadcast_to(samples, (100, 5, 1)), y, level).ravel()
-    assert hits.tolist() == expected
+    for i, hit in enumerate(expected):
+        assert interval_coverage(samples, y[i : i + 1], level).tolist() == [float(hit)]
 
 
 def test_mlp_head_learns_a_nonlinear_map_and_lives_in_the_module():
     import torch
 
     from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
-    from stemst.tl._validation import fit_mlp_head
+    from stemst.model.recipe import fit_mlp_head
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 8)) * 3 + 5  # raw scale: the standardisation is folded into the weights

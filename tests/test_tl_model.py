@@ -19,7 +19,8 @@ from stemst.tl._data import training_set
 KEY = "X_color_stats"
 TRAIN = ["C2", "C3", "C4", "C5"]
 # small and quick on a CPU; the settings the package defaults to, at a smaller size
-FAST = {"architecture": "mlp", "width": 128, "depth": 2, "lr": 1e-3, "progress": False}
+FAST = {"architecture": "mlp", "network": {"width": 128, "depth": 2}, "training": {"lr": 1e-3}, "progress": False}
+NO_HEAD = {"head_pcs": None}
 # training steps of the shared model: 400 gives the network a residual r of 0.18 on C6, 1 step gives 0.00
 STEPS = 400
 
@@ -99,7 +100,7 @@ def test_paper_mode_without_head_beats_shuffled_control(embedded):
     truth = training_set(table, embedding_key=KEY, sections="C6", drop_empty=False)
 
     def heldout_r(data):
-        m = fit(data, embedding_key=KEY, sections=TRAIN, steps=200, head=False, validation=None, **FAST)
+        m = fit(data, embedding_key=KEY, sections=TRAIN, steps=200, diffusion=NO_HEAD, validation=None, **FAST)
         assert m.module.diffusion.head_pcs is None
         return np.nanmean(_pearson(m.predict_mean(truth.X, n_samples=8, steps=10, rng=0, progress=False), truth.Y))
 
@@ -115,8 +116,16 @@ def test_transformer_fits_and_predicts_on_cpu(embedded):
     vs -0.01)."""
     table = embedded.tables["table"]
     genes = list(table.var_names[table.var["stemst_panel"].to_numpy()][:30])
-    kw = {"embedding_key": KEY, "genes": genes, "sections": TRAIN, "steps": 60, "head": False, "validation": None}
-    tiny = {"architecture": "transformer", "width": 32, "depth": 1, "heads": 2, "lr": 1e-3, "device": "cpu"}
+    kw = {
+        "embedding_key": KEY,
+        "genes": genes,
+        "sections": TRAIN,
+        "steps": 60,
+        "diffusion": NO_HEAD,
+        "validation": None,
+    }
+    tiny = {"architecture": "transformer", "network": {"width": 32, "depth": 1, "heads": 2}, "training": {"lr": 1e-3}}
+    tiny["device"] = "cpu"
     model = fit(embedded, **kw, **tiny, progress=False)
     assert model.module.network.architecture == "transformer"
     key = predict(
@@ -190,9 +199,11 @@ def test_save_load_identical(embedded, model, tmp_path):
 
 
 def test_resume_equals_uninterrupted(embedded, tmp_path):
-    kw = {**FAST, "width": 32, "embedding_key": KEY, "sections": ["C2"], "steps": 30, "log_every": 5}
+    kw = {**FAST, "network": {"width": 32, "depth": 2}, "embedding_key": KEY, "sections": ["C2"], "steps": 30}
+    kw["training"] = {"lr": 1e-3, "log_every": 5}
     full = fit(embedded, **kw)
-    fit(embedded, checkpoint_dir=tmp_path, checkpoint_every=10, callback=lambda step, m: step >= 15, **kw)
+    stop = {"callback": lambda step, m: step >= 15, "training": {**kw["training"], "checkpoint_every": 10}}
+    fit(embedded, checkpoint_dir=tmp_path, **{**kw, **stop})
     resumed = fit(embedded, checkpoint_dir=tmp_path, resume=True, **kw)
     assert resumed.steps_trained == 30
     for (k, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values(), strict=True):
@@ -205,7 +216,7 @@ def test_resume_equals_uninterrupted(embedded, tmp_path):
         atol=1e-5,
     )
     with pytest.raises(ValueError, match="differ"):
-        fit(embedded, checkpoint_dir=tmp_path, resume=True, **{**kw, "width": 48})
+        fit(embedded, checkpoint_dir=tmp_path, resume=True, **{**kw, "network": {"width": 48}})
 
 
 def test_fast_sampler_close_to_ancestral(embedded, model):
@@ -234,12 +245,9 @@ def test_nan_loss_stops_training(embedded, tmp_path):
             embedding_key=KEY,
             sections=["C2"],
             steps=20,
-            lr=1e12,
-            max_grad_norm=None,
-            log_every=2,
+            training={"lr": 1e12, "max_grad_norm": None, "log_every": 2, "checkpoint_every": 1},
             checkpoint_dir=tmp_path,
-            checkpoint_every=1,
-            **{k: v for k, v in FAST.items() if k != "lr"},
+            **{k: v for k, v in FAST.items() if k != "training"},
         )
     assert (tmp_path / "checkpoint.pt").exists()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -319,14 +327,18 @@ def test_fit_checks_settings_before_reading_data():
     empty = ad.AnnData(np.zeros((3, 2), np.float32))
     for kwargs, match in [
         ({"architecture": "cnn"}, "architecture"),
-        ({"parameterization": "score"}, "parameterization"),
-        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"diffusion": {"parameterization": "score"}}, "parameterization"),
+        ({"training": {"lr_schedule": "step"}}, "lr_schedule"),
         ({"steps": 0}, "steps"),
         ({"batch_size": 0}, "batch_size"),
-        ({"architecture": "transformer", "width": 30, "heads": 4}, "divisible"),
+        ({"architecture": "transformer", "network": {"width": 30, "heads": 4}}, "divisible"),
     ]:
         with pytest.raises(ValueError, match=match):
             fit(empty, embedding_key="X_missing", progress=False, **kwargs)
+    # the flat settings of earlier versions are refused, naming the config they belong to
+    for name, where in (("width", "network"), ("lr", "training"), ("cond_pcs", "diffusion"), ("patience", "recipe")):
+        with pytest.raises(TypeError, match=rf"unexpected keyword argument '{name}'. It is a setting of {where}"):
+            fit(empty, embedding_key="X_missing", progress=False, **{name: 1})
 
 
 DATA = Path(__file__).parent / "data"
@@ -367,3 +379,26 @@ def test_load_unknown_format_names_the_writer(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**meta, "format_version": 7, "stemst_version": "9.1.0"}))
     with pytest.raises(ValueError, match=r"format 7, written by stemst 9\.1\.0"):
         StemstModel.load(tmp_path / "m")
+
+
+def test_fit_takes_config_objects_and_records_them(embedded):
+    """Config objects are used as they are (a dict would override the preset's fields instead); the record holds the
+    resolved training settings (the given lr, the batch capped at the training pairs: one spatial block of C2 is
+    held out) and the saved config the network given; no calibration when the recipe says so."""
+    from stemst.model import NetworkConfig, RecipeConfig, TrainingConfig
+
+    c2 = embedded.tables["table"][embedded.tables["table"].obs["section"] == "C2"].copy()
+    with pytest.warns(stemst.StemstWarning, match="batch_size=100000 exceeds"):
+        m = fit(
+            c2,
+            embedding_key=KEY,
+            steps=3,
+            network=NetworkConfig("mlp", width=16, depth=1),
+            training=TrainingConfig(lr=5e-4, batch_size=100_000, log_every=1),
+            recipe=RecipeConfig(calibrate=False),
+            progress=False,
+        )
+    assert m.config["network"] == NetworkConfig("mlp", width=16, depth=1).as_dict()
+    assert m.training["lr"] == 5e-4 and m.training["validation"].startswith("block")
+    assert m.training["batch_size"] < m.training["n_spots"]
+    assert "early_stopping" in m.training and "calibration" not in m.training

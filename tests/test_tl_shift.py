@@ -14,7 +14,7 @@ from stemst.tl import StemstModel, adapt, evaluate, predict
 from stemst.tl._ood import OODReference
 
 KEY = "X_color_stats"
-FAST = {"architecture": "mlp", "width": 32, "depth": 1, "steps": 20, "progress": False}
+FAST = {"architecture": "mlp", "network": {"width": 32, "depth": 1}, "steps": 20, "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from stemst.tl import fit, predict
 
 KEY = "X_color_stats"
 TRAIN = ["C2", "C3", "C4", "C5"]
-FAST = {"embedding_key": KEY, "width": 64, "depth": 2, "progress": False}
+FAST = {"embedding_key": KEY, "network": {"width": 64, "depth": 2}, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_mean_head_is_at_least_as_good_as_ridge_on_the_same_features(embedded, m
 
 def test_held_out_loss_in_chunks_keeps_the_single_batch_value(embedded, model, monkeypatch):
     """Bounded memory on large held-out sets: the early-stopping loss and the point prediction work in chunks."""
-    import stemst.tl._validation as validation
+    import stemst.model.recipe as validation
     from stemst.tl._data import get_targets
 
     table = embedded.tables["table"]
@@ -90,7 +90,7 @@ def test_held_out_loss_in_chunks_keeps_the_single_batch_value(embedded, model, m
 def test_calibration_in_chunks_and_on_a_subset(embedded, model, monkeypatch):
     import copy
 
-    import stemst.tl._validation as validation
+    import stemst.model.recipe as validation
     from stemst.tl._data import get_targets
 
     table = embedded.tables["table"]
@@ -126,13 +126,14 @@ def test_single_section_holds_out_a_spatial_block(embedded):
 
 
 def test_paper_mode_without_head(embedded):
-    m = fit(embedded, sections=TRAIN, steps=30, head=False, validation=None, cond_pcs=None, cond_noise=0, **FAST)
+    paper = {"head_pcs": None, "cond_pcs": None, "cond_noise": 0.0}
+    m = fit(embedded, sections=TRAIN, steps=30, diffusion=paper, validation=None, **FAST)
     assert m.module.diffusion.head_pcs is None and "head" not in m.training and not m.module.calibrated
     key = predict(m, embedded, sections="C6", n_samples=3, progress=False, key_added="paper")
     pred = embedded.tables[key]
     np.testing.assert_allclose(pred.X, pred.obsm["samples"].mean(1), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="head=False"):
-        fit(embedded, sections=TRAIN, augment=True, **FAST)
+    with pytest.raises(ValueError, match="head_pcs"):
+        fit(embedded, sections=TRAIN, recipe={"augment": True}, **FAST)
 
 
 def test_too_few_spots_is_named(embedded):
@@ -178,7 +179,14 @@ def test_batch_capped_resume_checked_and_files_named(embedded, model, tmp_path):
     with pytest.warns(stemst.StemstWarning, match="exceeds"):
         m = fit(embedded, sections=TRAIN, steps=2, batch_size=100_000, validation=None, **FAST)
     assert m.training["batch_size"] == m.training["n_spots"]
-    kw = dict(sections=TRAIN, steps=4, validation=None, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **FAST)
+    kw = dict(
+        sections=TRAIN,
+        steps=4,
+        validation=None,
+        checkpoint_dir=tmp_path / "ck",
+        training={"checkpoint_every": 2},
+        **FAST,
+    )
     fit(embedded, **kw)
     with pytest.raises(ValueError, match="batch_size"):
         fit(embedded, resume=True, **{**kw, "batch_size": 64})
@@ -245,7 +253,7 @@ def test_joint_neighbourhood_model_fits_predicts_and_round_trips(embedded, tmp_p
 
 def _neighbour_correlation(samples: np.ndarray, xy: np.ndarray) -> float:
     """Correlation of ring-1 neighbours' deviations from the samples' mean, per gene and sample, averaged."""
-    from stemst.pp._context import neighbourhoods
+    from stemst._spatial import neighbourhoods
 
     nb, _ = neighbourhoods(xy)
     i, j = np.nonzero(nb[:, 1:] >= 0)
@@ -262,7 +270,8 @@ def test_joint_model_samples_are_spatially_correlated(embedded):
     (150 steps, 20 genes): neighbour correlation 0.105 for the joint model, 0.001 for the per-spot model."""
     table = embedded.tables["table"]
     genes = list(table.var_names[table.var["stemst_panel"].to_numpy()][:20])
-    kw = {**FAST, "embedding_key": f"{KEY}_context", "genes": genes, "width": 32, "validation": None, "steps": 150}
+    kw = {**FAST, "embedding_key": f"{KEY}_context", "genes": genes, "validation": None, "steps": 150}
+    kw["network"] = {"width": 32, "depth": 2}
     c6 = table[(table.obs["section"] == "C6").to_numpy()]
     X, xy = c6.obsm[f"{KEY}_context"], np.asarray(c6.obsm["spatial"])
     joint = fit(embedded, sections=TRAIN, architecture="neighbourhood", **kw)
@@ -296,7 +305,7 @@ def test_calibration_keeps_the_training_residual_mean_only_where_it_lowers_heldo
 
     On HER2ST (C2-C4 -> C5) it made every level 0.09 too low on average: keeping it cost 0.04 MSE and 2% CRPS.
     """
-    from stemst.tl._validation import calibrate
+    from stemst.model.recipe import calibrate
 
     torch.manual_seed(0)
     m = DiffusionModel(4, 6, NetworkConfig(width=16, depth=1), DiffusionConfig(head_pcs=3, cond_pcs=2))

@@ -1,12 +1,10 @@
 """stemst: spatial gene expression from H&E histology with a conditional diffusion model."""
 
-from importlib.metadata import version
-
 from . import datasets, io, metrics, pl, pp, tl
 from ._errors import StemstDownloadError, StemstError, StemstFileError, StemstWarning
 from ._schema import StemstDataError
+from ._version import __version__
 
-__version__ = version("stemst")
 __all__ = [
     "datasets",
     "io",

@@ -383,7 +383,7 @@ def _run(args: argparse.Namespace) -> None:
             "validation": None if args.validation == "none" else args.validation,
             "rng": args.seed,
             "checkpoint_dir": args.checkpoint_dir,
-            "checkpoint_every": args.checkpoint_every,
+            "training": {"checkpoint_every": args.checkpoint_every},
             "resume": args.resume,
             "progress": not args.no_progress,
         }

@@ -91,10 +91,6 @@ doc_progress = """\
 progress
     Show a progress bar."""
 
-doc_device = """\
-device
-    ``"auto"`` (CUDA if available, else CPU) or a torch device such as ``"cpu"`` or ``"cuda:1"``."""
-
 # ---------------------------------------------------------------------------------------------------------------
 # plotting
 

@@ -20,10 +20,6 @@ from stemst.io._image import read_image
 
 HER2ST_COMMIT = "85df7411b987a7dec3feff9718b869a7a82091ec"
 HER2ST_URL = f"https://github.com/almaan/her2st/raw/{HER2ST_COMMIT}/"
-HER2ST_CITATION = (
-    "Andersson, A. et al. Spatial deconvolution of HER2-positive breast cancer delineates tumor-associated "
-    "cell type interactions. Nature Communications 12, 6012 (2021)."
-)
 #: ST spots: 100 µm wide on a 200 µm centre-to-centre grid (array step).
 ST_SPOT_DIAMETER_UM = 100.0
 ST_ARRAY_STEP_UM = 200.0

@@ -200,6 +200,12 @@ def _as_uint8(image: Any, what: str, peak: int | None = None) -> Any:
         return _uint16_as_uint8(image, what, peak)
     if lazy:
         raise StemstDataError(f"{what}: cannot read an H&E image of dtype {dtype}; expected 8- or 16-bit RGB.")
+    return _in_memory_as_uint8(image, what)
+
+
+def _in_memory_as_uint8(image: np.ndarray, what: str) -> np.ndarray:
+    """Scale an in-memory image of another integer or a float type to uint8, from its range of values."""
+    dtype = image.dtype
     finite = np.isfinite(image) if np.issubdtype(dtype, np.floating) else np.ones(image.shape, bool)
     lo = float(image[finite].min()) if finite.any() else 0.0
     hi = float(image[finite].max()) if finite.any() else 0.0
@@ -267,6 +273,37 @@ def as_uint8_rgb(image: Any, *, what: str, peak: int | None = None) -> Any:
 # checks
 
 
+def tissue_mask(image: np.ndarray, *, min_saturation: float | None = None, max_brightness: float = 0.92) -> np.ndarray:
+    """Boolean tissue mask of an RGB ``(c, y, x)`` uint8 image: saturated, not-white pixels.
+
+    Saturation is ``(max - min) / max`` over the channels; its threshold is Otsu's on the image unless given. Glass
+    is bright and grey, H&E-stained tissue is coloured.
+
+    Examples
+    --------
+    >>> img = np.full((3, 4, 4), 240, np.uint8)  # white glass
+    >>> img[:, :, :2] = np.array([200, 80, 120], np.uint8)[:, None, None]  # a pink band
+    >>> tissue_mask(img).sum(0).tolist()
+    [4, 4, 0, 0]
+    """
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    mx, mn = rgb.max(0), rgb.min(0)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    if min_saturation is None:
+        min_saturation = _otsu(sat)
+    return (sat > min_saturation) & (rgb.mean(0) < max_brightness)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
+    p = hist / max(hist.sum(), 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * centres)
+    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return float(centres[int(np.argmax(between))])
+
+
 def thumbnail(image: Any, max_side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, int]:
     """Every ``step``-th pixel of a ``(3, y, x)`` image, so that the longest side is at most ``max_side``.
 
@@ -305,7 +342,7 @@ def check_spots_on_tissue(
 ) -> float:
     """Check that the spots sit on tissue; raise for a blank image, warn when most spots are on background.
 
-    The tissue mask (:func:`stemst.pp.tissue_mask`) of a thumbnail is averaged over a spot-wide window; a spot is on
+    The tissue mask (:func:`tissue_mask`) of a thumbnail is averaged over a spot-wide window; a spot is on
     tissue when at least :data:`SPOT_TISSUE_MIN` of its window is. When fewer than :data:`ON_TISSUE_WARN` of the
     spots are, or when swapping x/y or rescaling the coordinates would put clearly more of them on tissue, a
     :class:`~stemst.StemstWarning` names the likely cause.
@@ -335,8 +372,6 @@ def check_spots_on_tissue(
         If the image is blank (see :func:`check_not_blank`).
     """
     from scipy.ndimage import uniform_filter
-
-    from stemst.pp._grid import tissue_mask
 
     thumb, step = thumbnail(image)
     check_not_blank(thumb, what=what, hint=blank_hint)

@@ -89,6 +89,42 @@ def _check_section(sdata: Any, table: Any, info: SectionInfo, problems: list[str
         problems.append(f"section {s!r}: circle centres differ from obsm[{SPATIAL_KEY!r}]")
 
 
+def _table_problems(table: Any) -> list[str]:
+    """Return what is wrong with the counts table itself: obs columns, spot centres, metadata, counts, annotation."""
+    problems: list[str] = []
+    missing = [c for c in (SECTION_KEY, REGION_KEY, INSTANCE_KEY) if c not in table.obs.columns]
+    if missing:
+        problems.append(f"obs lacks columns {missing}")
+    xy = table.obsm.get(SPATIAL_KEY)
+    if xy is None or np.asarray(xy).shape != (table.n_obs, 2):
+        problems.append(f"obsm[{SPATIAL_KEY!r}] must be (n_spots, 2) (x, y) in image pixels")
+    if not table.uns.get(UNS_KEY, {}).get("sections"):
+        problems.append(f"uns[{UNS_KEY!r}]['sections'] is missing (per-section metadata)")
+    x = table.X
+    if not sp.issparse(x) or x.format != "csr":
+        problems.append("X must be a sparse CSR matrix of raw counts")
+    data = x.data if sp.issparse(x) else np.asarray(x)
+    if data.size and (not np.all(np.isfinite(data)) or np.any(data < 0) or not np.all(np.mod(data, 1) == 0)):
+        problems.append("X must hold raw non-negative integer counts")
+    attrs = table.uns.get("spatialdata_attrs", {})
+    if attrs.get("region_key") != REGION_KEY or attrs.get("instance_key") != INSTANCE_KEY:
+        problems.append(f"table is not annotating circles by region_key={REGION_KEY!r}, instance_key={INSTANCE_KEY!r}")
+    return problems
+
+
+def _section_info(name: str, d: Any, problems: list[str]) -> SectionInfo | None:
+    """Return the section's metadata, or ``None`` after adding what makes it unusable to ``problems``."""
+    try:
+        info = SectionInfo.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        problems.append(f"section {name!r}: unreadable metadata ({e!r})")
+        return None
+    if info.section != name or not (info.microns_per_pixel > 0 and info.spot_diameter_um > 0):
+        problems.append(f"section {name!r}: metadata has section={info.section!r} or a non-positive size")
+        return None
+    return info
+
+
 def validate(sdata: Any, *, table_key: str = TABLE_KEY) -> None:
     """Check that ``sdata`` follows the stemst data model; raise listing every problem found.
 
@@ -117,25 +153,8 @@ def validate(sdata: Any, *, table_key: str = TABLE_KEY) -> None:
     if table_key not in sdata.tables:
         raise StemstDataError(f"No table {table_key!r}; tables present: {list(sdata.tables.keys())}.")
     table = sdata.tables[table_key]
-    problems: list[str] = []
-    missing = [c for c in (SECTION_KEY, REGION_KEY, INSTANCE_KEY) if c not in table.obs.columns]
-    if missing:
-        problems.append(f"obs lacks columns {missing}")
-    xy = table.obsm.get(SPATIAL_KEY)
-    if xy is None or np.asarray(xy).shape != (table.n_obs, 2):
-        problems.append(f"obsm[{SPATIAL_KEY!r}] must be (n_spots, 2) (x, y) in image pixels")
+    problems = _table_problems(table)
     infos = table.uns.get(UNS_KEY, {}).get("sections")
-    if not infos:
-        problems.append(f"uns[{UNS_KEY!r}]['sections'] is missing (per-section metadata)")
-    x = table.X
-    if not sp.issparse(x) or x.format != "csr":
-        problems.append("X must be a sparse CSR matrix of raw counts")
-    data = x.data if sp.issparse(x) else np.asarray(x)
-    if data.size and (not np.all(np.isfinite(data)) or np.any(data < 0) or not np.all(np.mod(data, 1) == 0)):
-        problems.append("X must hold raw non-negative integer counts")
-    attrs = table.uns.get("spatialdata_attrs", {})
-    if attrs.get("region_key") != REGION_KEY or attrs.get("instance_key") != INSTANCE_KEY:
-        problems.append(f"table is not annotating circles by region_key={REGION_KEY!r}, instance_key={INSTANCE_KEY!r}")
     if problems or not infos:
         raise StemstDataError("Not in the stemst data model:\n- " + "\n- ".join(problems))
     known = set(infos)
@@ -143,15 +162,9 @@ def validate(sdata: Any, *, table_key: str = TABLE_KEY) -> None:
     if in_obs - known:
         problems.append(f"obs[{SECTION_KEY!r}] has sections without metadata: {sorted(in_obs - known)}")
     for name, d in infos.items():
-        try:
-            info = SectionInfo.from_dict(d)
-        except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"section {name!r}: unreadable metadata ({e!r})")
-            continue
-        if info.section != name or not (info.microns_per_pixel > 0 and info.spot_diameter_um > 0):
-            problems.append(f"section {name!r}: metadata has section={info.section!r} or a non-positive size")
-            continue
-        _check_section(sdata, table, info, problems)
+        info = _section_info(name, d, problems)
+        if info is not None:
+            _check_section(sdata, table, info, problems)
     if problems:
         raise StemstDataError("Not in the stemst data model:\n- " + "\n- ".join(problems))
 

@@ -176,6 +176,55 @@ def call_spatialdata_io(reader: Any, path: Path, what: str, **kwargs: Any) -> An
         return reader(path, **kwargs)
 
 
+def _image_file(path: Path, image: str, fullres_image_file: str | os.PathLike | None, var_names: str) -> Path:
+    """Check the reader's options; return the image file to keep."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder; expected a Space Ranger output folder (.../outs).")
+    if image not in ("hires", "lowres", "fullres"):
+        raise ValueError(f"image={image!r}; valid values: 'hires', 'lowres', 'fullres'.")
+    if var_names not in ("gene_symbols", "gene_ids"):
+        raise ValueError(f"var_names={var_names!r}; valid values: 'gene_symbols', 'gene_ids'.")
+    if image != "fullres":
+        if fullres_image_file is not None:
+            raise ValueError(f"`fullres_image_file` is only used with image='fullres', not image={image!r}.")
+        return path / "spatial" / IMAGE_FILES[image]
+    if fullres_image_file is None:
+        raise ValueError("image='fullres' needs `fullres_image_file` (the image given to Space Ranger).")
+    image_file = Path(fullres_image_file)
+    return image_file if image_file.is_absolute() else path / image_file
+
+
+def _checked_spots(
+    adata: Any, counts_path: Path, positions_file: Path, listed: pd.Series, *, var_names: str, in_tissue_only: bool
+) -> Any:
+    """Return the spots spatialdata-io read, checked against the positions file and kept as the options say."""
+    if adata.n_vars == 0:
+        raise StemstFileError(
+            counts_path,
+            f"holds no genes ({adata.n_obs} barcodes x 0 features): nothing to train on or predict. Use the counts "
+            "matrix Space Ranger wrote for this run (filtered_feature_bc_matrix.h5), copied whole.",
+        )
+    adata.obs_names = adata.obs_names.astype(str)
+    if adata.obs_names.has_duplicates:
+        dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
+        raise StemstDataError(f"{counts_path}: duplicate barcodes, e.g. {dup}.")
+    if var_names == "gene_ids":
+        adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
+    no_counts = listed.index[listed.to_numpy() == 1].difference(adata.obs_names)
+    if len(no_counts) and in_tissue_only:
+        raise StemstDataError(
+            f"{len(no_counts)} in-tissue spots listed in {positions_file.name} have no counts in "
+            f"{counts_path.name}, e.g. {no_counts[:5].tolist()}. Do the two files come from the same run?"
+        )
+    keep = spots_with_position(adata.obs, adata.obsm["spatial"], file=positions_file, listed=listed.index)
+    if in_tissue_only:
+        outside = keep & (pd.to_numeric(adata.obs["in_tissue"], errors="coerce").to_numpy() != 1)
+        if outside.any():
+            logger.info("Dropping %d spots outside the tissue", int(outside.sum()))
+        keep &= ~outside
+    return adata[keep]
+
+
 def visium(
     path: str | os.PathLike,
     *,
@@ -258,21 +307,7 @@ def visium(
         stemst.io.validate(sdata)
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; expected a Space Ranger output folder (.../outs).")
-    if image not in ("hires", "lowres", "fullres"):
-        raise ValueError(f"image={image!r}; valid values: 'hires', 'lowres', 'fullres'.")
-    if var_names not in ("gene_symbols", "gene_ids"):
-        raise ValueError(f"var_names={var_names!r}; valid values: 'gene_symbols', 'gene_ids'.")
-    if image == "fullres":
-        if fullres_image_file is None:
-            raise ValueError("image='fullres' needs `fullres_image_file` (the image given to Space Ranger).")
-        image_file = Path(fullres_image_file)
-        image_file = image_file if image_file.is_absolute() else path / image_file
-    elif fullres_image_file is not None:
-        raise ValueError(f"`fullres_image_file` is only used with image='fullres', not image={image!r}.")
-    else:
-        image_file = path / "spatial" / IMAGE_FILES[image]
+    image_file = _image_file(path, image, fullres_image_file, var_names)
     spatial = path / "spatial"
     counts_path = _counts_file(path, counts_file)
     require_files(
@@ -307,33 +342,9 @@ def visium(
         counts_file=counts_path.name,
         tissue_positions_file=positions_file.relative_to(path),
     )
-    adata = raw.tables["table"]
-    if adata.n_vars == 0:
-        raise StemstFileError(
-            counts_path,
-            f"holds no genes ({adata.n_obs} barcodes x 0 features): nothing to train on or predict. Use the counts "
-            "matrix Space Ranger wrote for this run (filtered_feature_bc_matrix.h5), copied whole.",
-        )
-    adata.obs_names = adata.obs_names.astype(str)
-    if adata.obs_names.has_duplicates:
-        dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
-        raise StemstDataError(f"{counts_path}: duplicate barcodes, e.g. {dup}.")
-    if var_names == "gene_ids":
-        adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
-
-    no_counts = listed.index[listed.to_numpy() == 1].difference(adata.obs_names)
-    if len(no_counts) and in_tissue_only:
-        raise StemstDataError(
-            f"{len(no_counts)} in-tissue spots listed in {positions_file.name} have no counts in "
-            f"{counts_path.name}, e.g. {no_counts[:5].tolist()}. Do the two files come from the same run?"
-        )
-    keep = spots_with_position(adata.obs, adata.obsm["spatial"], file=positions_file, listed=listed.index)
-    if in_tissue_only:
-        outside = keep & (pd.to_numeric(adata.obs["in_tissue"], errors="coerce").to_numpy() != 1)
-        if outside.any():
-            logger.info("Dropping %d spots outside the tissue", int(outside.sum()))
-        keep &= ~outside
-    adata = adata[keep]
+    adata = _checked_spots(
+        raw.tables["table"], counts_path, positions_file, listed, var_names=var_names, in_tissue_only=in_tissue_only
+    )
     logger.info("Visium %s: %d spots, %d genes, %s image %s", section, adata.n_obs, adata.n_vars, image, img.shape)
     return build(
         section,

@@ -148,6 +148,42 @@ def spots_from_bins(
     }
 
 
+def _check_options(path: Path, image: str, var_names: str, fullres_image_file: Any) -> None:
+    """Refuse a path that is not a folder and options that are not known or do not go together."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder; expected a Visium HD Space Ranger output folder (.../outs).")
+    if image not in IMAGE_SUFFIXES:
+        raise ValueError(f"image={image!r}; valid values: {list(IMAGE_SUFFIXES)}.")
+    if var_names not in ("gene_symbols", "gene_ids"):
+        raise ValueError(f"var_names={var_names!r}; valid values: 'gene_symbols', 'gene_ids'.")
+    if fullres_image_file is not None and image != "fullres":
+        raise ValueError(f"`fullres_image_file` is only used with image='fullres', not image={image!r}.")
+
+
+def _layout(
+    path: Path, bin_size: float, image: str, fullres_image_file: str | os.PathLike | None
+) -> tuple[Path, str | None, dict[str, Path]]:
+    """Return the bin folder, the file prefix of the run (or ``None``) and the files to read, by what they hold."""
+    bins = path / "binned_outputs" / bin_key(bin_size)
+    if not bins.is_dir():
+        present = sorted(p.name for p in (path / "binned_outputs").glob("square_*um") if p.is_dir())
+        raise FileNotFoundError(f"No bins of {bin_size} µm: {bins} is missing; bin folders present: {present}.")
+    prefixed = sorted(path.glob(f"*_{FEATURE_SLICE}"))
+    prefix = prefixed[0].name[: -len(FEATURE_SLICE) - 1] if len(prefixed) == 1 else None
+    files = {
+        "layout metadata, HDF5": path / FEATURE_SLICE if prefix is None else prefixed[0],
+        "counts matrix, 10x HDF5": bins / FILTERED_COUNTS,
+        "bin positions, Parquet": bins / "spatial" / POSITIONS_PARQUET,
+        "scale factors, JSON": bins / "spatial" / SCALEFACTORS,
+    }
+    if image != "fullres":
+        files[f"{image} H&E image"] = path / "spatial" / IMAGE_FILES[image]
+    elif fullres_image_file is not None:
+        given = Path(fullres_image_file)
+        files["full-resolution H&E image"] = given if given.is_absolute() else path / given
+    return bins, prefix, files
+
+
 def visium_hd(
     path: str | os.PathLike,
     bin_size: int = 16,
@@ -215,34 +251,10 @@ def visium_hd(
     import spatialdata_io
 
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; expected a Visium HD Space Ranger output folder (.../outs).")
-    if image not in IMAGE_SUFFIXES:
-        raise ValueError(f"image={image!r}; valid values: {list(IMAGE_SUFFIXES)}.")
-    if var_names not in ("gene_symbols", "gene_ids"):
-        raise ValueError(f"var_names={var_names!r}; valid values: 'gene_symbols', 'gene_ids'.")
-    if fullres_image_file is not None and image != "fullres":
-        raise ValueError(f"`fullres_image_file` is only used with image='fullres', not image={image!r}.")
-    bins = path / "binned_outputs" / bin_key(bin_size)
-    if not bins.is_dir():
-        present = sorted(p.name for p in (path / "binned_outputs").glob("square_*um") if p.is_dir())
-        raise FileNotFoundError(f"No bins of {bin_size} µm: {bins} is missing; bin folders present: {present}.")
-    prefixed = sorted(path.glob(f"*_{FEATURE_SLICE}"))
-    prefix = prefixed[0].name[: -len(FEATURE_SLICE) - 1] if len(prefixed) == 1 else None
-    slice_file = path / FEATURE_SLICE if prefix is None else prefixed[0]
-    counts_path = bins / FILTERED_COUNTS
-    files = {
-        "layout metadata, HDF5": slice_file,
-        "counts matrix, 10x HDF5": counts_path,
-        "bin positions, Parquet": bins / "spatial" / POSITIONS_PARQUET,
-        "scale factors, JSON": bins / "spatial" / SCALEFACTORS,
-    }
-    if image != "fullres":
-        files[f"{image} H&E image"] = path / "spatial" / IMAGE_FILES[image]
-    elif fullres_image_file is not None:
-        fullres_image_file = Path(fullres_image_file)
-        fullres_image_file = fullres_image_file if fullres_image_file.is_absolute() else path / fullres_image_file
-        files["full-resolution H&E image"] = fullres_image_file
+    _check_options(path, image, var_names, fullres_image_file)
+    bins, prefix, files = _layout(path, bin_size, image, fullres_image_file)
+    counts_path = files["counts matrix, 10x HDF5"]
+    fullres_image_file = files.get("full-resolution H&E image")
     require_files(files, hint="Expected a Visium HD Space Ranger output folder (see stemst.io.visium_hd).")
     factors = read_json(bins / "spatial" / SCALEFACTORS, what="Space Ranger scale factors")
     if factors.get("bin_size_um") is not None and float(factors["bin_size_um"]) != float(bin_size):

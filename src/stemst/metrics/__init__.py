@@ -6,6 +6,7 @@ from ._metrics import (
     gene_metrics,
     interval_coverage,
     mae_per_gene,
+    mean_pearson,
     mse_per_gene,
     pcc_at_k,
     pearson_per_gene,
@@ -24,6 +25,7 @@ from ._scores import (
 
 __all__ = [
     "pearson_per_gene",
+    "mean_pearson",
     "spearman_per_gene",
     "mse_per_gene",
     "mae_per_gene",

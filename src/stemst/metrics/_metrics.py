@@ -52,6 +52,22 @@ def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def mean_pearson(pred: np.ndarray, true: np.ndarray, *, undefined: float = float("nan")) -> float:
+    """Mean of :func:`pearson_per_gene` over the genes where it is defined; ``undefined`` when it is for none.
+
+    Model selection (the mean head's penalty, the baselines' cross-validation, the residual weight) scores
+    with it, passing ``undefined=-1.0`` so that a fold without a defined correlation loses.
+
+    Examples
+    --------
+    >>> round(mean_pearson(np.array([[1.0, 1], [2, 1], [3, 1]]), np.array([[2.0, 0], [4, 1], [6, 2]])), 6)
+    1.0
+    """
+    r = pearson_per_gene(pred, true)
+    ok = np.isfinite(r)
+    return float(r[ok].mean()) if ok.any() else float(undefined)
+
+
 def spearman_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Spearman rank correlation of each gene (Pearson on average ranks); ``NaN`` for a constant column."""
     pred, true = _pair(pred, true)

@@ -103,7 +103,7 @@ def neighbour_pairs(coords: np.ndarray, sections: np.ndarray | None = None) -> n
     >>> neighbour_pairs(np.array([[0.0, 0], [1, 0], [2, 0], [9, 0]])).tolist()
     [[0, 1], [1, 2]]
     """
-    from stemst.pp._context import neighbourhoods
+    from stemst._spatial import neighbourhoods
 
     nb, _ = neighbourhoods(np.asarray(coords, dtype=np.float64)[:, :2], sections)
     i, j = np.nonzero(nb[:, 1:] >= 0)

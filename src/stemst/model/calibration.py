@@ -12,12 +12,6 @@ LEVELS = (0.5, 0.8, 0.9, 0.95)
 SCALES = np.geomspace(0.05, 20.0, 121)
 
 
-def interval_hits(samples: np.ndarray, y: np.ndarray, level: float) -> np.ndarray:
-    """Whether ``y`` falls in the central ``level`` interval of ``samples`` (axis 0), per spot and gene."""
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return (y >= lo) & (y <= hi)
-
-
 def spread_scales(
     samples: np.ndarray,
     y: np.ndarray,

@@ -2,7 +2,10 @@
 
 - :class:`NetworkConfig`: which denoiser and its sizes;
 - :class:`DiffusionConfig`: the noise schedule, the parameterisation, the loss, the data space and sampling clip;
-- :class:`TrainingConfig`: optimiser, schedule of the learning rate, EMA, steps, logging and checkpoints.
+- :class:`TrainingConfig`: optimiser, schedule of the learning rate, EMA, steps, logging and checkpoints;
+- :class:`RecipeConfig`: what the residual recipe does with held-out data (stopping, calibration) and the target.
+
+The tuned combination the package uses by default is :data:`stemst.model.presets.DEFAULT_PRESET`.
 
 Each converts to and from a JSON-ready dict (:meth:`as_dict`, ``Config(**d)``): a saved model records them.
 """
@@ -15,12 +18,17 @@ from typing import Any, Literal
 
 from torch import nn
 
+from stemst._errors import warn
 from stemst.model.losses import PARAMETERIZATIONS, Parameterization
 from stemst.model.networks import ARCHITECTURES, DEFAULTS
 
 Architecture = Literal["mlp", "transformer", "neighbourhood"]
 TargetScaling = Literal["standardize", "none"]
 LRSchedule = Literal["constant", "cosine"]
+#: pairs per step when :attr:`TrainingConfig.batch_size` is ``None`` (or all pairs when there are fewer)
+DEFAULT_BATCH_SIZE = 256
+#: the learning rate :meth:`TrainingConfig.resolved` uses when ``lr`` is ``None`` and it is given no other
+DEFAULT_LR = 1e-3
 
 
 def _choice(name: str, value: str, known: tuple[str, ...] | list[str]) -> None:
@@ -70,10 +78,15 @@ class NetworkConfig(_Config):
         _at_least("mlp_ratio", self.mlp_ratio, 0)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.architecture == "neighbourhood" and self.learn_variance:
+        if self.spatial and self.learn_variance:
             object.__setattr__(self, "learn_variance", False)  # trained on the simple loss only
         if self.architecture != "mlp" and self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads}).")
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the denoiser works on neighbourhoods of spots (``"neighbourhood"``: the joint model)."""
+        return self.architecture == "neighbourhood"
 
     @property
     def default_lr(self) -> float:
@@ -109,7 +122,7 @@ class DiffusionConfig(_Config):
         standardised condition (fitted in closed form, see :mod:`stemst.model.head`) and the diffusion models the
         residual around it; ``None``: the diffusion models the expression itself (the paper's).
     head_hidden
-        With a number (and ``head_pcs``), the mean head is the average of the linear head and a one-hidden-layer
+        With a number (and ``head_pcs``; without it ``head_hidden`` is dropped), the mean head is the average of the linear head and a one-hidden-layer
         ReLU network of this width on the standardised condition (fitted outside the module, e.g. by
         :func:`stemst.tl.fit`, and stored as buffers, never trained by the diffusion's optimiser).
     cond_pcs
@@ -152,6 +165,8 @@ class DiffusionConfig(_Config):
         _choice("target_scaling", self.target_scaling, ("standardize", "none"))
         _at_least("vlb_weight", self.vlb_weight, 0)
         _at_least("clip_margin", self.clip_margin, 0)
+        if self.head_pcs is None and self.head_hidden is not None:
+            object.__setattr__(self, "head_hidden", None)  # the nonlinear half exists only beside the linear head
 
     def fitted(self, n: int, dim: int) -> DiffusionConfig:
         """Copy with the component counts capped at what ``n`` conditions of width ``dim`` can give."""
@@ -180,9 +195,10 @@ class TrainingConfig(_Config):
     epochs
         Alternative to ``steps``: passes over the training pairs (spots x views).
     batch_size
-        Pairs per step.
+        Pairs per step; ``None``: :data:`DEFAULT_BATCH_SIZE`, or all pairs when there are fewer (a larger explicit
+        one is capped with a warning by :meth:`resolved`).
     lr, weight_decay
-        AdamW settings.
+        AdamW settings; ``lr=None``: the architecture's (:attr:`NetworkConfig.default_lr`).
     lr_schedule
         ``"constant"`` (paper) or ``"cosine"`` (decays to 10 % of ``lr`` over ``steps``).
     warmup_steps
@@ -206,8 +222,8 @@ class TrainingConfig(_Config):
 
     steps: int | None = None
     epochs: float | None = None
-    batch_size: int = 256
-    lr: float = 1e-3
+    batch_size: int | None = None
+    lr: float | None = None
     weight_decay: float = 0.0
     lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
@@ -222,7 +238,7 @@ class TrainingConfig(_Config):
             _at_least(name, getattr(self, name), 1)
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}.")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         _at_least("weight_decay", self.weight_decay, 0)
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
@@ -232,9 +248,59 @@ class TrainingConfig(_Config):
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
 
-    def resolved(self, n_pairs: int) -> TrainingConfig:
-        """Copy with ``steps`` and ``log_every`` made concrete for ``n_pairs`` training pairs."""
+    def resolved(self, n_pairs: int, *, default_lr: float = DEFAULT_LR) -> TrainingConfig:
+        """Copy with ``batch_size``, ``lr``, ``steps`` and ``log_every`` made concrete for ``n_pairs`` training pairs.
+
+        The one place the batch is chosen: ``None`` takes :data:`DEFAULT_BATCH_SIZE` or all pairs when there are
+        fewer; an explicit batch larger than ``n_pairs`` is capped with a warning (it would only repeat pairs).
+        Resolving a resolved config changes nothing.
+        """
+        batch = min(DEFAULT_BATCH_SIZE, n_pairs) if self.batch_size is None else self.batch_size
+        if batch > n_pairs:
+            warn(
+                f"batch_size={batch} exceeds the {n_pairs} training pairs; using {n_pairs} (a larger batch only "
+                "repeats pairs and costs time and memory).",
+                stacklevel=3,
+            )
+            batch = n_pairs
         steps = self.steps
         if steps is None:
-            steps = math.ceil(self.epochs * n_pairs / self.batch_size) if self.epochs is not None else 2000
-        return replace(self, steps=int(steps), log_every=self.log_every or max(1, int(steps) // 200))
+            steps = math.ceil(self.epochs * n_pairs / batch) if self.epochs is not None else 2000
+        return replace(
+            self,
+            batch_size=int(batch),
+            lr=default_lr if self.lr is None else self.lr,
+            steps=int(steps),
+            log_every=self.log_every or max(1, int(steps) // 200),
+        )
+
+
+@dataclass(frozen=True)
+class RecipeConfig(_Config):
+    """What :func:`stemst.model.recipe.fit_recipe` does around the training loop, and the target it learns.
+
+    Attributes
+    ----------
+    patience
+        Held-out evaluations without improvement before training stops (one every ``steps // 40`` steps).
+    calibrate
+        Calibrate the residual-mean weight and the spread of the samples on the held-out group (with a mean head).
+    augment
+        Train on the embeddings of the 8 flips/rotations of each patch (7 augmented : 1 original, the paper's
+        ratio); only without a mean head and with a per-spot network.
+    transform
+        The target scale (:func:`stemst.pp.transform_counts`): ``"log2p1"``, ``log2(count + 1)``, the paper's.
+
+    Examples
+    --------
+    >>> RecipeConfig(patience=4).calibrate
+    True
+    """
+
+    patience: int = 8
+    calibrate: bool = True
+    augment: bool = False
+    transform: str = "log2p1"
+
+    def __post_init__(self) -> None:
+        _at_least("patience", self.patience, 1)

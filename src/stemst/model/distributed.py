@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -159,12 +158,3 @@ def barrier() -> None:
     """Wait for every process (no-op without a process group)."""
     if active():
         dist.barrier()
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Collect every process's ``obj``, in rank order, on every process (``[obj]`` without a process group)."""
-    if not active():
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out

@@ -1,7 +1,7 @@
 """The regularised mean head: reduced-rank ridge regression from the condition to the expression panel.
 
 On a few hundred training spots a free network overfits the conditional mean, while ridge regression does not
-(DESIGN.md). The diffusion model therefore learns the distribution of the *residual* around this head, and its
+(``docs/model.md``). The diffusion model therefore learns the distribution of the *residual* around this head, and its
 samples are ``head(c) + residual``: the mean cannot be worse than the head's, whatever the diffusion learns.
 The head is a closed-form fit; its penalty and rank are chosen by held-out groups (sections, or spatial blocks).
 """
@@ -13,18 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stemst.metrics import mean_pearson
+
 #: penalties relative to the largest eigenvalue of the centred design ``Z^T Z``, so they adapt to the data size
 RELATIVE_ALPHAS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 #: ranks tried for the reduced-rank projection of the fitted values (``None``: full rank)
 RANKS = (None, 3, 10, 30)
-
-
-def mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over genes (columns) of the Pearson r between ``pred`` and ``true``; constant columns are skipped."""
-    a, b = pred - pred.mean(0), true - true.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    ok = den > 0
-    return float(np.mean((a * b).sum(0)[ok] / den[ok])) if ok.any() else -1.0
 
 
 def ridge_path(
@@ -134,7 +128,7 @@ def fit_head(
         coefs, zm, ym = ridge_path(Z[tr], Y[tr], [a * fold_top for a in relative_alphas])
         for j, (a, r) in enumerate(grid):
             coef = reduce_rank(coefs[relative_alphas.index(a)], Z[tr] - zm, r)
-            scores[i, j] = mean_pearson((Z[te] - zm) @ coef + ym, Y[te])
+            scores[i, j] = mean_pearson((Z[te] - zm) @ coef + ym, Y[te], undefined=-1.0)
     mean = scores.mean(0)
     best = int(np.argmax(mean))
     a, r = grid[best]
@@ -164,36 +158,6 @@ def cross_fitted_residuals(Z: np.ndarray, Y: np.ndarray, groups: np.ndarray, hea
         fold_top = float(np.linalg.norm(Z[tr] - Z[tr].mean(0), 2) ** 2)
         out[te] = Y[te] - _fit(Z[tr], Y[tr], head.alpha / top * fold_top, head.rank).predict(Z[te])
     return out
-
-
-@dataclass
-class PCA:
-    """Standardise, then project on the top principal axes: ``scores(X) = ((X - mean) / std) @ axes``."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    axes: np.ndarray  #: (d, k)
-    sd: np.ndarray  #: (k,) standard deviation of each score on the fitted rows
-
-    def scores(self, X: np.ndarray) -> np.ndarray:
-        """PCA scores, ``(n, k)``."""
-        return ((X - self.mean) / self.std) @ self.axes
-
-
-def fit_pca(X: np.ndarray, n_components: int) -> PCA:
-    """Fit :class:`PCA` on the rows of ``X`` (at most ``min(n, d)`` components).
-
-    Examples
-    --------
-    >>> X = np.random.default_rng(0).normal(size=(30, 8))
-    >>> p = fit_pca(X, 4)
-    >>> p.scores(X).shape, bool(np.all(np.diff(p.sd) <= 0))
-    ((30, 4), True)
-    """
-    mean, std = X.mean(0), X.std(0) + 1e-6
-    _, s, Vt = np.linalg.svd((X - mean) / std, full_matrices=False)
-    k = int(min(n_components, len(s)))
-    return PCA(mean, std, np.ascontiguousarray(Vt[:k].T), s[:k] / np.sqrt(len(X)))
 
 
 def spatial_blocks(coords: np.ndarray, n_blocks: int) -> np.ndarray:

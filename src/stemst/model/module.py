@@ -183,7 +183,7 @@ class DiffusionModel(nn.Module):
         """:meth:`from_network`, with the target's training mean ``y_mean`` weighted by ``offset_weight``.
 
         ``y_mean`` is the mean of the cross-fitted residuals of the training sections; whether a new section's
-        residuals share it is decided on held-out data (:func:`stemst.tl._validation.calibrate`).
+        residuals share it is decided on held-out data (:func:`stemst.model.recipe.calibrate`).
         """
         return self.from_network(x) - (1.0 - self.offset_weight) * self.y_mean
 
@@ -237,16 +237,9 @@ class DiffusionModel(nn.Module):
         return lo - self.diffusion.clip_margin * width, hi + self.diffusion.clip_margin * width
 
     # ---------------------------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        y: torch.Tensor,
-        cond: torch.Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        rows: slice | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the training loss (:meth:`loss`): what :class:`~torch.nn.parallel.DistributedDataParallel` runs."""
-        return self.loss(y, cond, generator=generator, rows=rows)
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the training loss (:meth:`loss`, same arguments): what DistributedDataParallel runs."""
+        return self.loss(*args, **kwargs)
 
     def loss(
         self,

@@ -273,15 +273,51 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir.")
-    if checkpoint_dir is not None:
-        check_destination(checkpoint_dir, what="the training checkpoint", argument="checkpoint_dir")
     if len(y) == 0 or len(cond) % len(y):
         raise ValueError(f"cond must have a whole number of rows per target: got {len(cond)} and {len(y)}.")
-    config = config.resolved(len(cond))
+    ckpt = Checkpoint.at(checkpoint_dir, resume=resume)
+    config = config.resolved(len(cond), default_lr=module.network.default_lr)
     dev = distributed.device(resolve_device(device))
-    main = distributed.is_main()
+    _log_start(module, cond, y, config, dev)
+    module.to(dev).train()
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    parallel = distributed.wrap(module, dev) if distributed.active() else None
+    gen = torch_generator(config.seed, dev)
+    run = _run_description(
+        module, {**(run_info or {}), **{k: v for k, v in config.as_dict().items() if k not in RESUMABLE}}
+    )
+    parts = {"module": module, "ema": ema, "optimizer": opt}
+    step, history = ckpt.restore(run, parts, gen) if ckpt is not None else (0, [])
+    log = _Log(config, history, ckpt, last_ckpt=step or None)
+    cond, y = cond.to(dev), y.to(dev)
+    stopped = False
+    desc = f"fit {module.network.architecture}"
+    with tqdm(total=config.steps, initial=step, desc=desc, disable=not (progress and distributed.is_main())) as bar:
+        while step < config.steps:
+            log.add(*train_step(module, opt, ema, cond, y, step=step, config=config, generator=gen, parallel=parallel))
+            step += 1
+            if log.due(step):
+                bar.set_postfix(loss=f"{log.write(step)['loss']:.4f}")
+                if log.at_checkpoint(step):
+                    log.save(run, parts, gen, step)
+                stop = callback is not None and callback(TrainingState(step, module, ema, log.history))
+                if distributed.agree(bool(stop), dev):  # rank 0 decides, so that all processes stop together
+                    logger.info("Stopped by the callback at step %d", step)
+                    stopped = True
+                    break
+            bar.update(1)
+    if ckpt is not None and log.last_ckpt != step:
+        log.save(run, parts, gen, step)
+    history = log.history
+    logger.info("Finished training: %d steps, loss %.4f", step, history[-1]["loss"] if history else float("nan"))
+    return TrainingResult(ema=ema.eval(), history=history, steps=step, stopped=stopped)
+
+
+def _log_start(
+    module: DiffusionModel, cond: torch.Tensor, y: torch.Tensor, config: TrainingConfig, dev: torch.device
+) -> None:
+    """Log what is trained where; on CUDA, allow TF32 matmuls."""
     logger.info(
         "Training %s on %d targets x %d view(s), %d genes, %d-d conditions, %d steps on %s",
         module.network.architecture,
@@ -295,103 +331,107 @@ def train(
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    module.to(dev).train()
-    ema = copy.deepcopy(module).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    parallel = distributed.wrap(module, dev) if distributed.active() else None
-    gen = torch_generator(config.seed, dev)
-    run = _run_description(
-        module, {**(run_info or {}), **{k: v for k, v in config.as_dict().items() if k not in RESUMABLE}}
-    )
-    history: list[dict[str, float]] = []
-    step = 0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    last_ckpt = None
-    if resume and ckpt.exists():
-        with reading(ckpt, "training checkpoint", hint="Delete it to start afresh, or point checkpoint_dir elsewhere."):
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Checkpoint:
+    """``checkpoint.pt`` in a folder: written atomically by rank 0, read back for an exact resume."""
+
+    path: Path
+    resume: bool
+
+    @classmethod
+    def at(cls, folder: str | os.PathLike | None, *, resume: bool) -> Checkpoint | None:
+        """Return the checkpoint in ``folder`` (checked to be writable), or ``None`` without a folder."""
+        if folder is None:
+            if resume:
+                raise ValueError("resume=True needs a checkpoint_dir.")
+            return None
+        check_destination(folder, what="the training checkpoint", argument="checkpoint_dir")
+        return cls(Path(folder) / CHECKPOINT_FILE, resume)
+
+    def restore(
+        self, run: dict[str, Any], parts: dict[str, Any], gen: torch.Generator
+    ) -> tuple[int, list[dict[str, float]]]:
+        """Load the state into ``parts`` and ``gen`` when resuming from an existing file; return the step and history."""
+        if not (self.resume and self.path.exists()):
+            if distributed.is_main():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            return 0, []
+        hint = "Delete it to start afresh, or point checkpoint_dir elsewhere."
+        with reading(self.path, "training checkpoint", hint=hint):
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
         if missing:
-            raise StemstFileError(
-                ckpt,
-                f"is not a whole stemst training checkpoint: it lacks {missing}. Delete it to start afresh, or point "
-                "checkpoint_dir elsewhere.",
-            )
+            raise StemstFileError(self.path, f"is not a whole stemst training checkpoint: it lacks {missing}. {hint}")
         old = json.loads(state["run"])
         diff = [k for k in sorted(run.keys() | old.keys()) if old.get(k) != run.get(k)]
         if diff:
-            raise ValueError(f"Cannot resume from {ckpt}: the settings differ in {diff}.")
-        with reading(ckpt, "training checkpoint of this model", hint="Delete it to start afresh."):
-            module.load_state_dict(state["module"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
+            raise ValueError(f"Cannot resume from {self.path}: the settings differ in {diff}.")
+        with reading(self.path, "training checkpoint of this model", hint="Delete it to start afresh."):
+            for name, part in parts.items():
+                part.load_state_dict(state[name])
             gen.set_state(state["rng"])
-        step = last_ckpt = int(state["step"])
-        history = json.loads(state["history"])
-        logger.info("Resuming from %s at step %d", ckpt, step)
-    elif ckpt is not None and main:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("Resuming from %s at step %d", self.path, int(state["step"]))
+        return int(state["step"]), json.loads(state["history"])
 
-    def save_checkpoint() -> None:
-        if not main:  # one writer; the others wait so that nobody reads a file being replaced
-            distributed.barrier()
-            return
-        state = {
-            "run": json.dumps(run),
-            "module": module.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": gen.get_state(),
-            "step": step,
-            "history": json.dumps(history),
-        }
-        _atomic_save(state, ckpt)
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (rank 0; the others wait, so that nobody reads a file being replaced)."""
+        if distributed.is_main():
+            _atomic_save(state, self.path)
         distributed.barrier()
 
-    cond, y = cond.to(dev), y.to(dev)
-    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
-    losses, mses = [], []
-    reference = None  # the first loss of the run, which a diverging run's loss leaves far behind
-    stopped = False
-    bar = tqdm(
-        total=config.steps, initial=step, desc=f"fit {module.network.architecture}", disable=not (progress and main)
-    )
-    try:
-        while step < config.steps:
-            loss, mse = train_step(
-                module, opt, ema, cond, y, step=step, config=config, generator=gen, parallel=parallel
-            )
-            losses.append(loss)
-            mses.append(mse)
-            step += 1
-            at_checkpoint = ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps)
-            if step % config.log_every == 0 or step == config.steps or at_checkpoint:
-                values = torch.stack(losses).cpu().numpy()
-                if reference is None:
-                    reference = float(history[0]["loss"]) if history else float(values[0])
-                _check_loss(values, step, reference, config, last_ckpt, ckpt)
-                entry = {
-                    "step": step,
-                    "loss": float(values.mean()),
-                    "mse": float(torch.stack(mses).mean()),
-                    "lr": lr_at(step - 1, config),
-                    "time": time.perf_counter() - t0,
-                }
-                history.append(entry)
-                losses, mses = [], []
-                bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                if at_checkpoint:
-                    save_checkpoint()
-                    last_ckpt = step
-                stop = callback is not None and callback(TrainingState(step, module, ema, history))
-                if distributed.agree(bool(stop), dev):  # rank 0 decides, so that all processes stop together
-                    logger.info("Stopped by the callback at step %d", step)
-                    stopped = True
-                    break
-            bar.update(1)
-    finally:
-        bar.close()
-    if ckpt is not None and last_ckpt != step:
-        save_checkpoint()
-    logger.info("Finished training: %d steps, loss %.4f", step, history[-1]["loss"] if history else float("nan"))
-    return TrainingResult(ema=ema.eval(), history=history, steps=step, stopped=stopped)
+
+@dataclass
+class _Log:
+    """The training curve: losses of the steps since the last entry, the NaN / divergence guard, the checkpoints."""
+
+    config: TrainingConfig
+    history: list[dict[str, float]]
+    ckpt: Checkpoint | None
+    last_ckpt: int | None = None
+    losses: list[torch.Tensor] = field(default_factory=list)
+    mses: list[torch.Tensor] = field(default_factory=list)
+    reference: float | None = None  #: the run's first loss, which a diverging run's loss leaves far behind
+    t0: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.t0 = time.perf_counter() - (self.history[-1]["time"] if self.history else 0.0)
+
+    def add(self, loss: torch.Tensor, mse: torch.Tensor) -> None:
+        """Keep one step's (detached) loss and MSE."""
+        self.losses.append(loss)
+        self.mses.append(mse)
+
+    def at_checkpoint(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step`` steps."""
+        return self.ckpt is not None and (step % self.config.checkpoint_every == 0 or step == self.config.steps)
+
+    def due(self, step: int) -> bool:
+        """Whether a history entry is due after ``step`` steps."""
+        return step % self.config.log_every == 0 or step == self.config.steps or self.at_checkpoint(step)
+
+    def write(self, step: int) -> dict[str, float]:
+        """Check the losses since the last entry (:func:`_check_loss`) and append their means to the history."""
+        values = torch.stack(self.losses).cpu().numpy()
+        if self.reference is None:
+            self.reference = float(self.history[0]["loss"]) if self.history else float(values[0])
+        where = self.ckpt.path if self.ckpt is not None else None
+        _check_loss(values, step, self.reference, self.config, self.last_ckpt, where)
+        entry = {
+            "step": step,
+            "loss": float(values.mean()),
+            "mse": float(torch.stack(self.mses).mean()),
+            "lr": lr_at(step - 1, self.config),
+            "time": time.perf_counter() - self.t0,
+        }
+        self.history.append(entry)
+        self.losses, self.mses = [], []
+        return entry
+
+    def save(self, run: dict[str, Any], parts: dict[str, Any], gen: torch.Generator, step: int) -> None:
+        """Write the checkpoint of ``step``."""
+        state = {"run": json.dumps(run), **{k: v.state_dict() for k, v in parts.items()}}
+        state.update(rng=gen.get_state(), step=step, history=json.dumps(self.history))
+        self.ckpt.save(state)
+        self.last_ckpt = step

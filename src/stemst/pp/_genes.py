@@ -174,6 +174,69 @@ def _warn_capped(n_genes: int, available: int, what: str, remedy: str) -> None:
         )
 
 
+def _given_panel(genes: Sequence[str], var_names: pd.Index, absent: dict[str, Any]) -> list[str]:
+    """Check a given panel: every gene in the table and measured in every training section."""
+    panel = [str(g) for g in genes]
+    missing = [g for g in panel if g not in var_names]
+    if missing:
+        raise KeyError(f"{len(missing)} panel genes are not in the table, e.g. {missing[:10]}.")
+    if absent:
+        example = ", ".join(f"{g} (not in {v})" for g, v in list(absent.items())[:5])
+        raise StemstDataError(
+            f"{len(absent)} panel genes were not measured in some training sections: {example}. "
+            "Drop them from the panel or from train_sections."
+        )
+    return panel
+
+
+def _hmhvg_panel(
+    adata: ad.AnnData,
+    train: list[str],
+    mask: np.ndarray,
+    var_names: pd.Index,
+    usable: np.ndarray,
+    *,
+    n_genes: int,
+    n_top_hvg: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """Return the Stem paper's panel (see :func:`select_genes`) and the parameters it records."""
+    candidates = _top_hvg_per_section(adata, train, n_top_hvg)
+    cols = np.flatnonzero(var_names.isin(list(candidates)) & usable)
+    _warn_capped(
+        n_genes,
+        len(cols),
+        f"candidate genes (the union of each training section's top n_top_hvg={n_top_hvg} highly variable genes, "
+        "minus the excluded prefixes)",
+        "raise n_top_hvg",
+    )
+    mean, std = _column_stats(adata.X[mask][:, cols])
+    idx, n_used = hmhvg_intersection(mean, std, min(n_genes, len(cols)))
+    about = {"method": "hmhvg", "n_top_hvg": int(n_top_hvg), "n_candidates": int(len(cols)), "top_n": int(n_used)}
+    return var_names[cols[idx]].tolist(), about
+
+
+def _hvg_panel(
+    adata: ad.AnnData, train: list[str], mask: np.ndarray, names: pd.Index, usable: np.ndarray, *, n_genes: int
+) -> list[str]:
+    """Return the top ``n_genes`` highly variable genes of the pooled training spots (sections as batches)."""
+    import scanpy as sc
+
+    sub = ad.AnnData(
+        X=adata.X[mask][:, usable].astype(np.float32),
+        obs=pd.DataFrame({SECTION_KEY: adata.obs[SECTION_KEY].to_numpy()[mask].astype(str)}),
+        var=pd.DataFrame(index=names),
+    )
+    sc.pp.filter_genes(sub, min_cells=1)
+    _warn_capped(n_genes, sub.n_vars, "genes expressed in the training sections (minus the excluded prefixes)", "")
+    sc.pp.normalize_total(sub)
+    sc.pp.log1p(sub)
+    batch = SECTION_KEY if len(train) > 1 else None
+    sc.pp.highly_variable_genes(sub, flavor="seurat", n_top_genes=min(n_genes, sub.n_vars), batch_key=batch)
+    hv = sub.var[sub.var["highly_variable"]]
+    order = ["highly_variable_nbatches", "dispersions_norm"] if batch else ["dispersions_norm"]
+    return hv.sort_values(order, ascending=False).index.tolist()
+
+
 @doc_params(table_key=doc_table_key)
 def select_genes(
     data: Any,
@@ -267,53 +330,16 @@ def select_genes(
     absent = _unmeasured(adata, checked, train)
     usable = ~_excluded(var_names, exclude) & ~var_names.isin(list(absent))
     if genes is not None:
-        panel = [str(g) for g in genes]
-        missing = [g for g in panel if g not in var_names]
-        if missing:
-            raise KeyError(f"{len(missing)} panel genes are not in the table, e.g. {missing[:10]}.")
+        panel = _given_panel(genes, var_names, absent)
         params["method"] = "given"
     elif method == "hmhvg":
-        candidates = _top_hvg_per_section(adata, train, n_top_hvg)
-        keep = var_names.isin(list(candidates)) & usable
-        cols = np.flatnonzero(keep)
-        _warn_capped(
-            n_genes,
-            len(cols),
-            f"candidate genes (the union of each training section's top n_top_hvg={n_top_hvg} highly variable genes, "
-            "minus the excluded prefixes)",
-            "raise n_top_hvg",
-        )
-        mean, std = _column_stats(adata.X[mask][:, cols])
-        idx, n_used = hmhvg_intersection(mean, std, min(n_genes, len(cols)))
-        panel = var_names[cols[idx]].tolist()
-        params.update(method="hmhvg", n_top_hvg=int(n_top_hvg), n_candidates=int(len(cols)), top_n=int(n_used))
+        panel, about = _hmhvg_panel(adata, train, mask, var_names, usable, n_genes=n_genes, n_top_hvg=n_top_hvg)
+        params.update(about)
     elif method == "hvg":
-        import scanpy as sc
-
-        keep = usable
-        sub = ad.AnnData(
-            X=adata.X[mask][:, keep].astype(np.float32),
-            obs=pd.DataFrame({SECTION_KEY: adata.obs[SECTION_KEY].to_numpy()[mask].astype(str)}),
-            var=pd.DataFrame(index=var_names[keep]),
-        )
-        sc.pp.filter_genes(sub, min_cells=1)
-        _warn_capped(n_genes, sub.n_vars, "genes expressed in the training sections (minus the excluded prefixes)", "")
-        sc.pp.normalize_total(sub)
-        sc.pp.log1p(sub)
-        batch = SECTION_KEY if len(train) > 1 else None
-        sc.pp.highly_variable_genes(sub, flavor="seurat", n_top_genes=min(n_genes, sub.n_vars), batch_key=batch)
-        hv = sub.var[sub.var["highly_variable"]]
-        order = ["highly_variable_nbatches", "dispersions_norm"] if batch else ["dispersions_norm"]
-        panel = hv.sort_values(order, ascending=False).index.tolist()
+        panel = _hvg_panel(adata, train, mask, var_names[usable], usable, n_genes=n_genes)
         params.update(method="hvg", flavor="seurat")
     else:
         raise ValueError(f"Unknown method {method!r}; choose 'hmhvg' or 'hvg'.")
-    if genes is not None and absent:
-        example = ", ".join(f"{g} (not in {v})" for g, v in list(absent.items())[:5])
-        raise StemstDataError(
-            f"{len(absent)} panel genes were not measured in some training sections: {example}. "
-            "Drop them from the panel or from train_sections."
-        )
     if genes is None and absent:
         logger.info("select_genes: %d genes not measured in every training section are not eligible.", len(absent))
     if not panel:

@@ -7,45 +7,10 @@ from typing import Any
 import numpy as np
 
 from stemst._schema import TABLE_KEY, get_image, get_table, section_info
+from stemst._spatial import check_spacing
+from stemst.io._image import tissue_mask
 
-
-def tissue_mask(image: np.ndarray, *, min_saturation: float | None = None, max_brightness: float = 0.92) -> np.ndarray:
-    """Boolean tissue mask of an RGB ``(c, y, x)`` uint8 image: saturated, not-white pixels.
-
-    Saturation is ``(max - min) / max`` over the channels; its threshold is Otsu's on the image unless given. Glass
-    is bright and grey, H&E-stained tissue is coloured.
-
-    Examples
-    --------
-    >>> img = np.full((3, 4, 4), 240, np.uint8)  # white glass
-    >>> img[:, :, :2] = np.array([200, 80, 120], np.uint8)[:, None, None]  # a pink band
-    >>> tissue_mask(img).sum(0).tolist()
-    [4, 4, 0, 0]
-    """
-    rgb = np.asarray(image, dtype=np.float32) / 255.0
-    mx, mn = rgb.max(0), rgb.min(0)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    if min_saturation is None:
-        min_saturation = _otsu(sat)
-    return (sat > min_saturation) & (rgb.mean(0) < max_brightness)
-
-
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
-    p = hist / max(hist.sum(), 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(p)
-    m0 = np.cumsum(p * centres)
-    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
-    return float(centres[int(np.argmax(between))])
-
-
-def check_spacing(spacing_um: Any) -> None:
-    """Refuse a grid spacing that is not a positive, finite number of micrometres."""
-    if isinstance(spacing_um, bool) or not (
-        isinstance(spacing_um, int | float | np.number) and np.isfinite(spacing_um) and spacing_um > 0
-    ):
-        raise ValueError(f"spacing_um must be a positive number of micrometres, got {spacing_um!r}.")
+__all__ = ["check_spacing", "grid_spots", "tissue_mask"]
 
 
 def grid_spots(

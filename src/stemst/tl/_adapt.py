@@ -13,7 +13,8 @@ from stemst._docs import doc_params, doc_progress, doc_table_key
 from stemst._logging import logger
 from stemst._schema import TABLE_KEY, StemstDataError, get_table, section_mask
 from stemst._utils import RNGLike
-from stemst.model.calibration import interval_hits, spread_scales
+from stemst.metrics import interval_coverage
+from stemst.model.calibration import spread_scales
 from stemst.tl._data import get_counts, get_embeddings, get_targets
 
 #: measured spots from which the spread is scaled gene by gene (one scale for all genes below)
@@ -173,7 +174,9 @@ def adapt(
     scales = spread_scales(shifted, y, min_spots=PER_GENE_SPREAD_SPOTS if per_gene else len(y) + 1)
     center = shifted.mean(0)
     wide = center + scales * (shifted - center)
-    coverage = {f"coverage_{round(q * 100)}": float(interval_hits(wide, y, q).mean()) for q in (0.5, 0.9)}
+    coverage = {
+        f"coverage_{round(q * 100)}": float(interval_coverage(np.swapaxes(wide, 0, 1), y, q).mean()) for q in (0.5, 0.9)
+    }
     adapted = copy.copy(base)
     adapted.adaptation = {
         "section": str(section),

@@ -7,7 +7,6 @@ the same prediction table as for the diffusion model, and :func:`stemst.tl.evalu
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.metrics import make_scorer
-from sklearn.model_selection import GridSearchCV, GroupShuffleSplit, LeaveOneGroupOut
+from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import Pipeline
@@ -32,14 +31,14 @@ from stemst._docs import (
     doc_table_key,
     doc_transform,
 )
+from stemst._early_stopping import train_early_stopped, validation_rows
 from stemst._logging import logger
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError
 from stemst._utils import RNGLike, as_generator
-from stemst.metrics import pearson_per_gene
+from stemst.metrics import mean_pearson
 from stemst.tl._base import Predictor
-from stemst.tl._data import as_tables, training_set
+from stemst.tl._data import as_tables, holdout_groups, training_set
 from stemst.tl._noise import NOISE_KINDS, NoisyBaseline
-from stemst.tl._validation import holdout_groups
 
 #: PCA dimension of the HEST-Benchmark ridge probe
 HEST_PCA_DIM = 256
@@ -115,10 +114,9 @@ class RidgeBaseline(_Baseline):
     method = "ridge"
 
 
-def _mean_pearson(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean per-gene Pearson r over the genes where it is defined (-1 when none is): the CV score."""
-    r = pearson_per_gene(np.asarray(y_pred), np.asarray(y_true))
-    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+def _cv_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Score a cross-validation fold (scikit-learn's argument order): :func:`stemst.metrics.mean_pearson`, -1 if undefined."""
+    return mean_pearson(y_pred, y_true, undefined=-1.0)
 
 
 def _ridge_pipeline(n_components: int, alpha: float = 1.0, memory: str | None = None) -> Pipeline:
@@ -171,7 +169,7 @@ def _fit_ridge(
             search = GridSearchCV(
                 _ridge_pipeline(p, memory=cache),
                 {"ridge__alpha": alphas},
-                scoring=make_scorer(_mean_pearson),
+                scoring=make_scorer(_cv_score),
                 cv=LeaveOneGroupOut(),
                 error_score="raise",
             ).fit(X, Y, groups=groups)
@@ -254,59 +252,6 @@ class MLPBaseline(_Baseline):
     method = "mlp"
 
 
-def _validation_rows(
-    groups: np.ndarray, spots: np.ndarray, val_section: str | None, fraction: float, seed: int
-) -> np.ndarray:
-    """Boolean mask of the held-out rows: a training section, or a random ``fraction`` of the spots (views together)."""
-    if val_section is not None:
-        val = groups == val_section
-        if not val.any() or val.all():
-            raise StemstDataError(
-                f"val_section={val_section!r} must be one of several training sections {np.unique(groups).tolist()}."
-            )
-        return val
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}.")
-    split = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-    _, held = next(split.split(spots, groups=spots))
-    val = np.zeros(len(spots), dtype=bool)
-    val[held] = True
-    return val
-
-
-def _train_early_stopped(
-    mlp: MLPRegressor,
-    train: tuple[np.ndarray, np.ndarray],
-    held_out: tuple[np.ndarray, np.ndarray],
-    *,
-    max_epochs: int,
-    patience: int,
-    progress: bool,
-) -> tuple[MLPRegressor, float, list[dict]]:
-    """Train one ``partial_fit`` epoch at a time, scoring the held-out rows after each.
-
-    Returns a copy of the network of the lowest held-out MSE, that MSE, and the history (one record per epoch).
-    """
-    from tqdm.auto import tqdm
-
-    history: list[dict] = []
-    best, best_mlp, wait = np.inf, mlp, 0
-    steps_per_epoch = int(np.ceil(len(train[0]) / mlp.batch_size))
-    for epoch in tqdm(range(1, max_epochs + 1), desc="mlp", disable=not progress):
-        mlp.partial_fit(*train)
-        val_loss = float(np.mean((mlp.predict(held_out[0]) - held_out[1]) ** 2))
-        record = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": float(mlp.loss_), "val_loss": val_loss}
-        history.append(record)
-        if val_loss < best:
-            best, best_mlp, wait = val_loss, copy.deepcopy(mlp), 0
-            record["best"] = True
-        else:
-            wait += 1
-            if wait >= patience:
-                break
-    return best_mlp, best, history
-
-
 def _fit_mlp(
     X: np.ndarray,
     Y: np.ndarray,
@@ -338,7 +283,7 @@ def _fit_mlp(
     gen = as_generator(rng)
     seed = int(gen.integers(2**31 - 1))
     spots = np.arange(len(X)) if spots is None else spots
-    val = _validation_rows(groups, spots, val_section, validation_fraction, seed)
+    val = validation_rows(groups, spots, val_section, validation_fraction, seed)
     x_scaler = StandardScaler().fit(X[~val])
     y_scaler = StandardScaler().fit(Y[~val])
     x_tr, x_val = (x_scaler.transform(X[m]).astype(np.float32) for m in (~val, val))
@@ -352,7 +297,7 @@ def _fit_mlp(
     )
     # the network is small: one BLAS thread is as fast and avoids oversubscription (10x slower on a busy machine)
     with threadpool_limits(limits=1, user_api="blas"):
-        best_mlp, best, history = _train_early_stopped(
+        best_mlp, best, history = train_early_stopped(
             mlp, (x_tr, y_tr), (x_val, y_val), max_epochs=int(max_epochs), patience=int(patience), progress=progress
         )
     # fold the target standardisation into the output layer: the pipeline then predicts on the target scale

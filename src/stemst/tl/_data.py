@@ -25,6 +25,7 @@ from stemst._schema import (
     get_table,
     section_mask,
 )
+from stemst.model.head import spatial_blocks
 
 
 def as_tables(data: Any, table_key: str = TABLE_KEY) -> list[ad.AnnData]:
@@ -246,3 +247,30 @@ def training_pairs(
         tables, embedding_key=embedding_key, genes=genes, transform=transform, sections=sections, views=views
     )
     return ts, (ts.views.reshape(-1, ts.views.shape[-1]) if views else ts.X)
+
+
+#: spatial blocks used as groups when the training data is a single section
+N_BLOCKS = 4
+
+
+def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray, str | None]:
+    """Return the groups for cross-fitting (sections, or spatial blocks of a single section) and the held-out one.
+
+    ``validation``: ``"auto"`` (the last group), a section name, or ``None`` (nothing held out).
+    """
+    sections = ts.sections.astype(str)
+    if len(np.unique(sections)) >= 2:
+        groups = sections
+    elif ts.n_spots >= 4 * N_BLOCKS:
+        coords = ts.coords if ts.coords is not None else np.arange(ts.n_spots, dtype=float)[:, None].repeat(2, 1)
+        groups = np.array([f"block{b}" for b in spatial_blocks(coords, N_BLOCKS)])
+    else:
+        groups = np.zeros(ts.n_spots, str)
+    names = list(dict.fromkeys(groups.tolist()))
+    if validation is None or len(names) < 2:
+        return groups, None
+    if validation == "auto":
+        return groups, names[-1]
+    if validation not in names:
+        raise ValueError(f"validation={validation!r} is not one of the training groups {names}.")
+    return groups, validation

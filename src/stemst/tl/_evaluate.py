@@ -187,14 +187,7 @@ def evaluate(
     pred = get_table(sdata, pred_key)
     params = _prediction_params(pred, pred_key)
     transform = params.get("transform", "log2p1")
-    if sections is not None:
-        mask = section_mask(pred, sections)
-        if not mask.any():
-            raise StemstDataError(f"Prediction {pred_key!r} has no spots in sections {sections!r}.")
-        pred = pred[mask]
-    if MEASURED_KEY in pred.obs and pred.obs[MEASURED_KEY].to_numpy(bool).any():  # what stemst.tl.adapt measured
-        logger.info("Skipping the %d spots the model was adapted on", int(pred.obs[MEASURED_KEY].sum()))
-        pred = pred[~pred.obs[MEASURED_KEY].to_numpy(bool)]
+    pred = _scored_spots(pred, pred_key, sections)
     panel = pred.var_names.tolist() if genes is None else resolve_genes(pred, list(genes))
     measured = _aligned_measurement(pred, get_table(sdata, table_key), pred_key, table_key)
     resolve_genes(measured, panel)
@@ -232,17 +225,36 @@ def evaluate(
     summary.update(method=str(params.get("method", pred_key)), transform=transform, pred_key=pred_key)
 
     if key_added is not None:
-        table = get_table(sdata, pred_key)
-        for col in per_gene.columns:
-            table.var[col] = per_gene[col].reindex(table.var_names).to_numpy()
         run = {"table_key": table_key, "layer": layer, "normalized": normalized, "n_genes": len(panel)}
         if sections is not None:
             run["sections"] = [sections] if isinstance(sections, str) else list(sections)
-        table.uns[key_added] = {
-            "summary": {k: v for k, v in summary.items() if v is not None},
-            "params": {k: v for k, v in run.items() if v is not None},
-        }
+        _store_evaluation(get_table(sdata, pred_key), key_added, per_gene, summary, run)
     return Evaluation(per_gene=per_gene, summary=summary)
+
+
+def _scored_spots(pred: ad.AnnData, pred_key: str, sections: str | Iterable[str] | None) -> ad.AnnData:
+    """Return the prediction's spots to score: those of ``sections``, less those an adapted model was adapted on."""
+    if sections is not None:
+        mask = section_mask(pred, sections)
+        if not mask.any():
+            raise StemstDataError(f"Prediction {pred_key!r} has no spots in sections {sections!r}.")
+        pred = pred[mask]
+    if MEASURED_KEY in pred.obs and pred.obs[MEASURED_KEY].to_numpy(bool).any():  # what stemst.tl.adapt measured
+        logger.info("Skipping the %d spots the model was adapted on", int(pred.obs[MEASURED_KEY].sum()))
+        pred = pred[~pred.obs[MEASURED_KEY].to_numpy(bool)]
+    return pred
+
+
+def _store_evaluation(
+    table: ad.AnnData, key: str, per_gene: pd.DataFrame, summary: dict[str, Any], run: dict[str, Any]
+) -> None:
+    """Write the per-gene metrics as ``var`` columns and the summary with its settings in ``uns[key]``."""
+    for col in per_gene.columns:
+        table.var[col] = per_gene[col].reindex(table.var_names).to_numpy()
+    table.uns[key] = {
+        "summary": {k: v for k, v in summary.items() if v is not None},
+        "params": {k: v for k, v in run.items() if v is not None},
+    }
 
 
 @doc_params(table_key=doc_table_key)

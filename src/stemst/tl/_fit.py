@@ -1,40 +1,32 @@
-"""Training of the Stem diffusion model on stemst tables: :func:`fit`."""
+"""Training of the Stem diffusion model on stemst tables: :func:`fit`.
+
+:func:`fit` moves data between SpatialData / AnnData and arrays; the recipe itself (mean head, cross-fitted
+residuals, early stopping, calibration) runs on arrays in :func:`stemst.model.recipe.fit_recipe`, with the configs
+of :data:`stemst.model.presets.DEFAULT_PRESET` unless others are given.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import replace
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
 from stemst._atomic import check_destination
-from stemst._errors import warn
 from stemst._schema import TABLE_KEY, UNS_KEY, StemstDataError, context_key
 from stemst._schema import embedding_key as _embedding_key
 from stemst._torch import resolve_device
 from stemst._utils import RNGLike, as_seed
-from stemst.model import (
-    DiffusionConfig,
-    DiffusionModel,
-    JointDiffusionModel,
-    NetworkConfig,
-    TrainingConfig,
-    TrainingState,
-    distributed,
-    train,
-)
-from stemst.model.config import Architecture, LRSchedule, TargetScaling
-from stemst.model.joint import gather, pack
-from stemst.model.losses import Parameterization
-from stemst.tl._data import TrainingSet, as_tables, training_pairs
+from stemst.model import DiffusionConfig, NetworkConfig, RecipeConfig, TrainingConfig, distributed
+from stemst.model.presets import DEFAULT_PRESET, Configs
+from stemst.model.recipe import fit_recipe
+from stemst.tl._data import TrainingSet, as_tables, holdout_groups, training_pairs
 from stemst.tl._model import StemstModel
 from stemst.tl._ood import shift_reference
-from stemst.tl._validation import N_BLOCKS, EarlyStopping, holdout_groups, joint_space, prepare_head
-from stemst.tl._validation import calibrate as calibrate_spread
 
 
 def _encoder_settings(tables: list[Any], key: str) -> dict[str, Any]:
@@ -68,18 +60,6 @@ def check_spread(ts: TrainingSet) -> None:
         raise StemstDataError("Every training spot has the same embedding; re-embed the spots (wrong image?).")
 
 
-def check_cross_fitting(groups: np.ndarray) -> None:
-    """Refuse too few spots for the mean head: it is cross-fitted by group, each fit on at least 2 other spots."""
-    names, sizes = np.unique(groups, return_counts=True)
-    if len(names) < 2 or (len(groups) - sizes).min() < 2:
-        raise StemstDataError(
-            f"fit with the mean head (head=True) cross-fits it over groups of spots (the sections, or {N_BLOCKS} "
-            f"spatial blocks of a single section of at least {4 * N_BLOCKS} spots), fitting each without its own "
-            f"group on at least 2 other spots: the {len(groups)} training spots make {len(names)} group(s) of "
-            f"{sizes.tolist()} spots. Train on more spots or sections, or pass head=False."
-        )
-
-
 def default_embedding_key(data: Any, table_key: str = TABLE_KEY) -> str:
     """Return the embeddings :func:`fit` uses by default.
 
@@ -98,53 +78,75 @@ def default_embedding_key(data: Any, table_key: str = TABLE_KEY) -> str:
     return chosen[0] if len(chosen) == 1 else key
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The run options :func:`fit` takes as further keyword arguments (``**run``)."""
+
+    checkpoint_dir: str | os.PathLike | None = None  #: folder for ``checkpoint.pt``
+    resume: bool = False  #: continue from the checkpoint in ``checkpoint_dir``
+    callback: Callable[[int, StemstModel], bool | None] | None = None  #: ``callback(step, model)``; True stops
+    table_key: str = TABLE_KEY  #: table of a SpatialData input
+
+
+#: where the flat keyword arguments of earlier versions of :func:`fit` went
+_CONFIG_OF = {
+    **{f.name: "network" for f in fields(NetworkConfig)},
+    **{f.name: "diffusion" for f in fields(DiffusionConfig)},
+    **{f.name: "training" for f in fields(TrainingConfig)},
+    **{f.name: "recipe" for f in fields(RecipeConfig)},
+    "n_diffusion_steps": "diffusion (as n_steps)",
+    "head": "diffusion (head=False: head_pcs=None)",
+}
+
+
+def _run_options(run: dict[str, Any]) -> RunOptions:
+    """Return the run options, refusing an unknown keyword with where its setting lives now."""
+    known = {f.name for f in fields(RunOptions)}
+    for name in run:
+        if name not in known:
+            where = _CONFIG_OF.get(name)
+            hint = f" It is a setting of {where}: pass e.g. {where.split()[0]}={{{name!r}: ...}}." if where else ""
+            raise TypeError(f"fit() got an unexpected keyword argument {name!r}.{hint}")
+    opts = RunOptions(**run)
+    if opts.checkpoint_dir is not None:  # checked before any data is read, so that a bad path costs nothing
+        check_destination(opts.checkpoint_dir, what="the training checkpoint", argument="checkpoint_dir")
+    return opts
+
+
+def _seed(rng: RNGLike | None, resume: bool) -> int | None:
+    """Return the seed ``rng`` gives (``None``: the training config's); a resumed run needs an int."""
+    if resume and rng is not None and not isinstance(rng, int | np.integer):
+        raise ValueError("resume=True needs an int rng (a seed): a generator's state cannot be checked to match.")
+    return None if rng is None else as_seed(rng)
+
+
+def _check_configs(configs: Configs) -> None:
+    """Refuse settings that cannot go together, before any data is read."""
+    if configs.recipe.augment and (configs.diffusion.head_pcs or configs.network.spatial):
+        raise ValueError(
+            "augment=True needs no mean head (diffusion={'head_pcs': None}) and a per-spot network: the mean head "
+            "and the joint model work on one embedding per spot."
+        )
+
+
 def fit(
     data: Any,
     *,
     embedding_key: str | None = None,
     genes: str | Iterable[str] | None = None,
     sections: str | Iterable[str] | None = None,
-    transform: str = "log2p1",
     validation: str | None = "auto",
-    head: bool = True,
-    head_pcs: int = 256,
-    head_hidden: int | None = 256,
-    cond_pcs: int | None = 8,
-    cond_noise: float = 1.0,
-    cond_dropout: float = 0.3,
-    patience: int = 8,
-    calibrate: bool = True,
-    augment: bool = False,
-    architecture: Architecture | Literal["auto"] = "auto",
-    depth: int | None = None,
-    width: int | None = None,
-    heads: int | None = None,
-    mlp_ratio: float | None = None,
-    dropout: float | None = None,
-    learn_variance: bool = True,
-    parameterization: Parameterization = "v",
-    vlb_weight: float = 1e-3,
-    n_diffusion_steps: int = 1000,
-    target_scaling: TargetScaling = "standardize",
-    clip_margin: float | None = 0.1,
+    architecture: str = "auto",
     steps: int | None = None,
-    epochs: float | None = None,
     batch_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float = 0.0,
-    lr_schedule: LRSchedule = "constant",
-    warmup_steps: int = 0,
-    max_grad_norm: float | None = 1.0,
-    ema_decay: float = 0.9999,
-    log_every: int | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 1000,
-    resume: bool = False,
-    callback: Callable[[int, StemstModel], bool | None] | None = None,
-    table_key: str = TABLE_KEY,
     device: str | torch.device = "auto",
-    rng: RNGLike = 0,
+    rng: RNGLike | None = None,
+    network: NetworkConfig | dict[str, Any] | None = None,
+    diffusion: DiffusionConfig | dict[str, Any] | None = None,
+    training: TrainingConfig | dict[str, Any] | None = None,
+    recipe: RecipeConfig | dict[str, Any] | None = None,
     progress: bool = True,
+    **run: Any,
 ) -> StemstModel:
     """Train the Stem conditional diffusion model on embedded, sequenced spots.
 
@@ -153,14 +155,19 @@ def fit(
     diffusion step and noise, and takes an AdamW step on the improved-DDPM hybrid loss. Sampling uses the
     exponential moving average (EMA) of the weights. All settings are checked before the data are read.
 
-    By default (``head=True``) the model is a *residual* diffusion: a reduced-rank ridge head on the top
-    ``head_pcs`` principal components of the condition predicts the mean (its penalty and rank chosen by
-    leave-one-section-out on the training sections), and the diffusion learns the distribution of what the head
-    misses, from cross-fitted residuals, conditioned on the top ``cond_pcs`` whitened components. One training
-    section (``validation``; spatial blocks of a single section) is held out: the EMA's loss on it stops training
-    early and picks the weights kept, and the weight of the network's residual mean and the per-gene spread of the
-    samples are calibrated on it, so that the central q-intervals of the samples hold about q of new values.
-    ``head=False`` gives the paper's model (the diffusion learns the expression itself).
+    By default (:data:`stemst.model.presets.DEFAULT_PRESET`) the model is a *residual* diffusion: a reduced-rank
+    ridge head on the top ``head_pcs`` principal components of the condition predicts the mean (its penalty and rank
+    chosen by leave-one-section-out on the training sections), and the diffusion learns the distribution of what
+    the head misses, from cross-fitted residuals, conditioned on the top ``cond_pcs`` whitened components. One
+    training section (``validation``; spatial blocks of a single section) is held out: the EMA's loss on it stops
+    training early and picks the weights kept, and the weight of the network's residual mean and the per-gene spread
+    of the samples are calibrated on it, so that the central q-intervals of the samples hold about q of new values.
+    ``diffusion={"head_pcs": None}`` gives the paper's model (the diffusion learns the expression itself). The
+    recipe runs on arrays in :func:`stemst.model.recipe.fit_recipe`.
+
+    Settings come in four configs, as scvi-tools separates architecture, training and plan: each argument takes a
+    config object (used as it is) or a dict of its fields (which override the preset's), e.g.
+    ``fit(sdata, network={"width": 512}, training={"lr": 3e-4})``. The common ones also have a keyword here.
 
     Parameters
     ----------
@@ -170,54 +177,41 @@ def fit(
         The embeddings; default: the spatial-context features of the default encoder when
         :func:`stemst.pp.spatial_context` made them, else its plain embeddings; when the table was embedded with one
         other encoder only, that encoder's (see :func:`default_embedding_key`).
-    genes, sections, transform
-        The gene panel (``None``: ``var['stemst_panel']``; a boolean ``var`` column or names), the sections to
-        train on (default all) and the target transform (:func:`stemst.pp.transform_counts`).
+    genes, sections
+        The gene panel (``None``: ``var['stemst_panel']``; a boolean ``var`` column or names) and the sections to
+        train on (default all).
     validation
         The training section held out for early stopping and calibration: ``"auto"`` (the last one), a name, or
         ``None`` (train on everything for the given steps, no calibration).
-    head, head_pcs, head_hidden, cond_pcs, cond_noise, cond_dropout
-        The residual model's settings (:class:`~stemst.model.DiffusionConfig`): the mean head, its components and
-        (``head_hidden``) the width of the early-stopped MLP averaged with the linear head,
-        the network's condition (``None``: the whole standardised embedding) and its training noise and dropout.
-        The defaults were chosen on validation folds inside HER2ST C2-C5 (``docs/model.md``).
-    patience
-        Held-out evaluations without improvement before training stops (one every ``steps // 40`` steps).
-    calibrate
-        Calibrate the residual-mean weight and the spread on the held-out section.
-    augment
-        Train on the embeddings of the 8 flips/rotations ``obsm[f"{embedding_key}_views"]`` (7 augmented :
-        1 original, the paper's ratio); with ``head=False`` only (the context features already average the views).
-    architecture, depth, width, heads, mlp_ratio, dropout, learn_variance
-        The denoiser (:class:`~stemst.model.NetworkConfig`): ``"auto"`` (default: ``"mlp"`` on every device, the
-        only architecture whose held-out quality has been measured, ``docs/model.md``), ``"mlp"`` (trains in
-        minutes on a CPU), ``"transformer"`` (the paper's gene-token transformer;
-        use a GPU) or ``"neighbourhood"`` (the joint model of a spot and its ring-1 neighbours,
-        :class:`~stemst.model.JointDiffusionModel`); unset sizes take its defaults.
-    parameterization, vlb_weight, n_diffusion_steps, target_scaling, clip_margin
-        The diffusion (:class:`~stemst.model.DiffusionConfig`). ``"v"``-prediction (default) gave clearly better
-        held-out correlations than the paper's ``"eps"`` after minutes of CPU training on HER2ST.
-    steps, epochs, batch_size, lr, weight_decay, lr_schedule, warmup_steps, max_grad_norm, ema_decay, log_every
-        Optimisation (:class:`~stemst.model.TrainingConfig`): at most 2000 steps unless ``steps`` or ``epochs``
-        (passes over the pairs) is given; ``batch_size=None``: 256, or all pairs when there are fewer (a larger
-        explicit one is capped with a warning); ``lr=None``: 1e-4 for the transformer (the paper's), 1e-3 for the MLP.
-    checkpoint_dir, checkpoint_every, resume
-        Write ``checkpoint.pt`` atomically every ``checkpoint_every`` steps; with ``resume``, continue from it
-        exactly as if the run had never stopped (the settings must match).
-    callback
-        Called as ``callback(step, model)`` at every history entry (``model`` holds the current EMA weights);
-        returning ``True`` stops training (e.g. early stopping on a validation section).
-    table_key
-        Table key for SpatialData inputs.
+    architecture
+        The denoiser: ``"auto"`` (the preset's, ``"mlp"`` on every device, the only architecture whose held-out
+        quality has been measured, ``docs/model.md``), ``"mlp"`` (trains in minutes on a CPU), ``"transformer"``
+        (the paper's gene-token transformer; use a GPU) or ``"neighbourhood"`` (the joint model of a spot and its
+        ring-1 neighbours, :class:`~stemst.model.JointDiffusionModel`).
+    steps, batch_size
+        Shortcuts for ``training``'s fields: at most 2000 steps unless ``steps`` or ``epochs`` (passes over the
+        pairs) is given; ``batch_size=None``: 256, or all pairs when there are fewer (a larger explicit one is
+        capped with a warning).
     device
         ``"auto"`` (CUDA if available, else CPU) or a torch device. On CUDA: bf16 autocast and TF32 matmuls.
         Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is started here (NCCL on CUDA, gloo on CPU), each
         process trains on ``cuda:LOCAL_RANK`` with DistributedDataParallel and ``batch_size`` is the global batch,
         split across the processes; the result equals a one-process run with the same seed (docs: *Scaling out*).
     rng
-        Seed (or generator drawing one) of the initialisation and of the training draws.
+        Seed (or generator drawing one) of the initialisation and of the training draws; ``None``: the training
+        config's ``seed`` (0).
+    network, diffusion, training, recipe
+        :class:`~stemst.model.NetworkConfig` (sizes, dropout, learned variance), :class:`~stemst.model.DiffusionConfig`
+        (parameterisation, schedule, the mean head and the network's condition),
+        :class:`~stemst.model.TrainingConfig` (optimiser, EMA, steps, logging, ``checkpoint_every``) and
+        :class:`~stemst.model.RecipeConfig` (``patience``, ``calibrate``, ``augment``, the target ``transform``).
     progress
         Show a progress bar with the loss.
+    **run
+        Run options (:class:`RunOptions`): ``checkpoint_dir`` (write ``checkpoint.pt`` atomically every
+        ``training.checkpoint_every`` steps), ``resume`` (continue from it exactly as if the run had never stopped;
+        the settings must match), ``callback`` (called as ``callback(step, model)`` at every history entry, ``model``
+        holding the current EMA weights; returning ``True`` stops training) and ``table_key`` (for SpatialData).
 
     Returns
     -------
@@ -252,142 +246,69 @@ def fit(
         model = stemst.tl.fit(sdata, sections=["C2", "C3", "C4", "C5"])
         stemst.tl.predict(model, sdata, sections="C6")
     """
+    opts = _run_options(run)
     distributed.init()
-    resolve_device(device)  # a device this machine lacks is refused before any work
-    if architecture == "auto":  # no default with unmeasured quality: the transformer is an option until measured
-        architecture = "mlp"
-    network = NetworkConfig(
-        architecture,
-        depth=depth,
-        width=width,
-        heads=heads,
-        mlp_ratio=mlp_ratio,
-        dropout=dropout or 0.0,
-        learn_variance=learn_variance,
-    )
-    if resume and not isinstance(rng, int | np.integer):
-        raise ValueError("resume=True needs an int rng (a seed): a generator's state cannot be checked to match.")
-    if augment and (head or architecture == "neighbourhood"):
-        raise ValueError(
-            "augment=True needs head=False and a per-spot network: the mean head and the joint model work on one "
-            "embedding per spot."
-        )
-    if checkpoint_dir is not None:  # checked before any data is read, so that a bad path costs nothing
-        check_destination(checkpoint_dir, what="the training checkpoint", argument="checkpoint_dir")
-    diffusion = DiffusionConfig(
-        n_diffusion_steps,
-        parameterization=parameterization,
-        vlb_weight=vlb_weight if learn_variance else 0.0,
-        target_scaling=target_scaling,
-        clip_margin=clip_margin,
-        head_pcs=head_pcs if head else None,
-        head_hidden=head_hidden if head else None,
-        cond_pcs=cond_pcs,
-        cond_noise=cond_noise,
-        cond_dropout=cond_dropout,
-    )
-    training = TrainingConfig(
+    dev = resolve_device(device)  # a device this machine lacks is refused before any work
+    configs = DEFAULT_PRESET.resolve(
+        architecture=architecture,
+        network=network,
+        diffusion=diffusion,
+        training=training,
+        recipe=recipe,
         steps=steps,
-        epochs=epochs,
-        batch_size=256 if batch_size is None else batch_size,
-        lr=network.default_lr if lr is None else lr,
-        weight_decay=weight_decay,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,
-        max_grad_norm=max_grad_norm,
-        ema_decay=ema_decay,
-        seed=as_seed(rng),
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
+        batch_size=batch_size,
+        seed=_seed(rng, opts.resume),
     )
-    embedding_key = embedding_key or default_embedding_key(data, table_key)
+    _check_configs(configs)
+    embedding_key = embedding_key or default_embedding_key(data, opts.table_key)
+    transform = configs.recipe.transform
     ts, pairs, encoder, facts = _collect(
         data,
-        table_key,
+        opts.table_key,
         embedding_key=embedding_key,
         genes=genes,
         sections=sections,
         transform=transform,
-        augment=augment,
+        augment=configs.recipe.augment,
     )
     check_spread(ts)
+    if configs.network.spatial and ts.coords is None:
+        raise StemstDataError("The joint model needs the spot centres obsm['spatial'] of every training table.")
     groups, held = holdout_groups(ts, validation)
-    if diffusion.head_pcs:
-        check_cross_fitting(groups)
-    cond, y = torch.as_tensor(pairs), torch.as_tensor(ts.Y)
-    diffusion = diffusion.fitted(len(ts.X), ts.X.shape[1])
-    joint = network.architecture == "neighbourhood"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(training.seed)
-        module = (JointDiffusionModel if joint else DiffusionModel)(len(ts.genes), pairs.shape[1], network, diffusion)
-    record: dict[str, Any] = {"validation": held}
     held_rows = groups == held if held is not None else None
-    ood, record["depth"] = shift_reference(
+    ood, depth = shift_reference(
         data,
-        table_key,
+        opts.table_key,
         ts,
         embedding_key=embedding_key,
         encoder=encoder,
         sections=sections,
         held=held_rows,
-        seed=training.seed,
+        seed=configs.training.seed,
     )
-    if diffusion.head_pcs:
-        residuals, record["head"] = prepare_head(module, cond, ts.Y, groups, seed=training.seed)
-        y = module.head(cond) + torch.as_tensor(residuals)  # the diffusion learns the cross-fitted residuals
-    fit_rows = torch.as_tensor(groups != held) if held is not None else torch.ones(ts.n_spots, dtype=torch.bool)
-    rows = fit_rows.repeat_interleave(len(pairs) // ts.n_spots)
-    module.set_statistics(cond[rows], y[fit_rows], projection=not diffusion.head_pcs)
-    if batch_size is None:
-        training = replace(training, batch_size=min(training.batch_size, int(rows.sum())))
-    elif training.batch_size > int(rows.sum()):
-        warn(
-            f"batch_size={training.batch_size} exceeds the {int(rows.sum())} training pairs; using "
-            f"{int(rows.sum())} (a larger batch only repeats pairs and costs time and memory)."
-        )
-        training = replace(training, batch_size=int(rows.sum()))
-    training = training.resolved(int(rows.sum()))
-    space = joint_space(ts) if joint else None
-    if space is not None:  # each training row becomes a neighbourhood: the spot and its ring-1 neighbours
-        cond, y = pack(cond, *space), gather(y, space[0])
     about = {"genes": ts.genes, "embedding_key": embedding_key, "transform": transform}
-    record.update({**training.as_dict(), **facts})
-    stopper = None
-    if held is not None:
-        every = max(1, training.steps // 40)
-        stopper = EarlyStopping(cond[~rows], y[~fit_rows], every=every, patience=patience, seed=training.seed)
 
-    def wrap(ema: DiffusionModel, step: int, history: list[dict[str, float]]) -> StemstModel:
+    def wrap(ema: Any, step: int, history: list[dict[str, float]], record: dict[str, Any]) -> StemstModel:
         final = {"steps_trained": step, "final_loss": history[-1]["loss"] if history else None}
-        return StemstModel(ema, **about, encoder=encoder, training={**record, **final}, history=history, ood=ood)
+        training = {**record, **facts, "depth": depth, **final}
+        return StemstModel(ema, **about, encoder=encoder, training=training, history=history, ood=ood)
 
-    def on_log(state: TrainingState) -> bool | None:
-        stop = stopper(state) if stopper is not None else False
-        return bool(callback(state.step, wrap(state.ema, state.step, state.history))) or stop if callback else stop
+    def on_log(state: Any, record: dict[str, Any]) -> bool | None:
+        return opts.callback(state.step, wrap(state.ema, state.step, state.history, record))
 
-    result = train(
-        module,
-        cond[rows],
-        y[fit_rows],
-        training,
-        device=device,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
+    result = fit_recipe(
+        pairs,
+        ts.Y,
+        groups,
+        held,
+        configs,
+        coords=ts.coords,
+        sections=ts.sections,
+        device=dev,
+        callback=on_log if opts.callback is not None else None,
+        checkpoint_dir=opts.checkpoint_dir,
+        resume=opts.resume,
         run_info={**about, "validation": held},
-        callback=on_log,
         progress=progress,
     )
-    if stopper is not None:
-        stopper.restore(result.ema)
-        record["early_stopping"] = {"best_step": stopper.best_step, "val_mse": stopper.best, "curve": stopper.curve}
-        if calibrate and diffusion.head_pcs:
-            held_rows = ~fit_rows.numpy()
-            record["calibration"] = calibrate_spread(
-                result.ema,
-                torch.as_tensor(pairs)[~rows],
-                residuals[held_rows],
-                ts.Y[held_rows],
-                seed=training.seed,
-                space=joint_space(ts, held_rows) if joint else None,
-            )
-    return wrap(result.ema, result.steps, result.history)
+    return wrap(result.module, result.steps, result.history, result.record)

@@ -15,7 +15,8 @@ from stemst._atomic import Swap, check_destination, recover, replacing
 from stemst._errors import StemstFileError
 from stemst._torch import resolve_device, torch_generator
 from stemst._utils import RNGLike, read_json, reading
-from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig
+from stemst._version import __version__
+from stemst.model import DiffusionConfig, DiffusionModel, JointDiffusionModel, NetworkConfig, build_module
 from stemst.model.networks import n_parameters
 from stemst.model.samplers import step_grid
 from stemst.tl._base import Predictor
@@ -46,8 +47,6 @@ def _upgrade_format_1(config: dict[str, Any], tensors: dict[str, torch.Tensor]) 
 
 def _check_format(path: Path, meta: dict[str, Any]) -> None:
     """Refuse a model folder whose ``config.json`` has no known format version, saying what to do."""
-    from stemst import __version__
-
     version = meta.get("format_version")
     if version in (1, FORMAT_VERSION):
         return
@@ -162,8 +161,7 @@ class StemstModel(Predictor):
         history: list[dict[str, float]] | None = None,
     ) -> StemstModel:
         """Rebuild a model from :attr:`config` and, if given, the module's ``state_dict``."""
-        kind = JointDiffusionModel if config["network"].get("architecture") == "neighbourhood" else DiffusionModel
-        module = kind(
+        module = build_module(
             len(config["genes"]),
             int(config["cond_dim"]),
             NetworkConfig(**config["network"]),
@@ -243,7 +241,7 @@ class StemstModel(Predictor):
             settings) at every step.
         coords, sections
             ``(n, 2)`` spot centres and ``(n,)`` sections: the joint model (:attr:`spatial`) samples every section's
-            spots together, each with its ring-1 neighbours (:func:`stemst.pp._context.neighbourhoods`); without
+            spots together, each with its ring-1 neighbours (:func:`stemst._spatial.neighbourhoods`); without
             them each spot is sampled alone. Ignored by the per-spot model.
         **kwargs
             Passed to :meth:`stemst.model.DiffusionModel.sample` (``spacing``; ``eta`` for DDIM).
@@ -265,7 +263,7 @@ class StemstModel(Predictor):
         batch_size = batch_size or self.module.default_batch_size
         total = math.ceil(len(X) * n_samples / batch_size) * len(grid)
         if self.spatial and coords is not None:
-            from stemst.pp._context import neighbourhoods
+            from stemst._spatial import neighbourhoods
 
             nb, off = neighbourhoods(coords, sections)
             kwargs.update(neighbours=torch.as_tensor(nb), offsets=torch.as_tensor(off))
@@ -323,8 +321,6 @@ class StemstModel(Predictor):
         -------
         The folder.
         """
-        from stemst import __version__
-
         path = check_destination(path, what="the model", argument="path")
         meta = {
             "format_version": FORMAT_VERSION,

@@ -408,8 +408,8 @@ def predict_image(
     from spatialdata.transformations import Identity
 
     from stemst._schema import section_info
+    from stemst._spatial import check_spacing
     from stemst.pp import embed_patches, grid_spots, spatial_context
-    from stemst.pp._grid import check_spacing
 
     if encoder is None and not model.encoder.get("encoder"):
         raise StemstDataError(

@@ -30,7 +30,7 @@ def smooth(
     """Blend each spot's prediction with the mean prediction of its ring-1 neighbours (same section).
 
     ``X_new = (1 - weight) X + weight * mean(X over ring-1 neighbours)``; the ring-1 neighbours are the spots one
-    grid step away (:func:`stemst.pp.spot_spacing`, :func:`stemst.pp._context.ring_graphs`), so a spot with no
+    grid step away (:func:`stemst.pp.spot_spacing`, :func:`stemst._spatial.ring_graphs`), so a spot with no
     neighbour keeps its value. The expected counts are smoothed the same way; per-spot samples and ``std`` are
     dropped, since a smoothed mean no longer belongs to them. Used as a baseline: it is what spatial context
     should beat.
@@ -61,8 +61,7 @@ def smooth(
     """
     import anndata as ad
 
-    from stemst.pp import spot_spacing
-    from stemst.pp._context import ring_graphs
+    from stemst._spatial import ring_graphs, spot_spacing
 
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}.")

@@ -1,32 +1,37 @@
-"""The data-driven parts of :func:`stemst.tl.fit`: held-out groups, the mean head, early stopping, calibration.
+"""The residual recipe on arrays: mean head, cross-fitted residuals, early stopping and calibration around training.
 
-Everything that :func:`~stemst.tl.fit` chooses from data is chosen here, on data held out *inside* the training
-sections: the head's penalty and rank by leave-one-group-out, the stopping step on one held-out group, and the
-spread calibration on that same group. Test sections are never seen.
+:func:`fit_recipe` is what :func:`stemst.tl.fit` runs once it has turned the tables into arrays. Everything it
+chooses from data is chosen on data held out *inside* the training groups: the head's penalty and rank by
+leave-one-group-out, the stopping step on one held-out group, and the spread calibration on that same group. Test
+sections are never seen. :func:`build_module` is the one place that picks the module class for a network config.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from stemst._errors import StemstDataError
 from stemst._logging import logger
-from stemst._schema import StemstDataError
-from stemst.model import DiffusionModel, TrainingState, distributed
-from stemst.model.calibration import LEVELS, interval_hits, spread_scales
-from stemst.model.head import cross_fitted_residuals, fit_head, mean_pearson, spatial_blocks
-from stemst.tl._data import TrainingSet
+from stemst.metrics import interval_coverage, mean_pearson
+from stemst.model import distributed
+from stemst.model.calibration import LEVELS, spread_scales
+from stemst.model.config import DiffusionConfig, NetworkConfig
+from stemst.model.head import cross_fitted_residuals, fit_head
+from stemst.model.joint import JointDiffusionModel, gather, pack
+from stemst.model.module import DiffusionModel
+from stemst.model.presets import Configs
+from stemst.model.training import TrainingState, train
 
 #: residual-mean weights tried on the held-out group (0: the head's mean alone)
 RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: weights tried on the held-out group for the training residuals' mean ``y_mean`` (1: as learned)
 OFFSET_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
-#: spatial blocks used as groups when the training data is a single section
-N_BLOCKS = 4
 #: held-out rows per network call in the early-stopping loss and the calibration (bounds the memory they need)
 EVAL_CHUNK = 4096
 #: held-out spots the spread calibration uses at most (a random subset beyond): per-gene scales need no more
@@ -58,40 +63,6 @@ def my_chunks(n: int) -> list[tuple[int, slice]]:
     rank, world = distributed.rank(), distributed.world_size()
     starts = range(0, n, EVAL_CHUNK)
     return [(k, slice(start, start + EVAL_CHUNK)) for k, start in enumerate(starts) if k % world == rank]
-
-
-def holdout_groups(ts: TrainingSet, validation: str | None) -> tuple[np.ndarray, str | None]:
-    """Return the groups for cross-fitting (sections, or spatial blocks of a single section) and the held-out one.
-
-    ``validation``: ``"auto"`` (the last group), a section name, or ``None`` (nothing held out).
-    """
-    sections = ts.sections.astype(str)
-    if len(np.unique(sections)) >= 2:
-        groups = sections
-    elif ts.n_spots >= 4 * N_BLOCKS:
-        coords = ts.coords if ts.coords is not None else np.arange(ts.n_spots, dtype=float)[:, None].repeat(2, 1)
-        groups = np.array([f"block{b}" for b in spatial_blocks(coords, N_BLOCKS)])
-    else:
-        groups = np.zeros(ts.n_spots, str)
-    names = list(dict.fromkeys(groups.tolist()))
-    if validation is None or len(names) < 2:
-        return groups, None
-    if validation == "auto":
-        return groups, names[-1]
-    if validation not in names:
-        raise ValueError(f"validation={validation!r} is not one of the training groups {names}.")
-    return groups, validation
-
-
-def joint_space(ts: TrainingSet, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbourhoods (indices, offsets) of the training spots, or of the subset ``rows`` (indices local to it)."""
-    from stemst.pp._context import neighbourhoods
-
-    if ts.coords is None:
-        raise StemstDataError("The joint model needs the spot centres obsm['spatial'] of every training table.")
-    keep = np.ones(ts.n_spots, bool) if rows is None else rows
-    nb, off = neighbourhoods(ts.coords[keep], ts.sections[keep])
-    return torch.as_tensor(nb), torch.as_tensor(off)
 
 
 def prepare_head(
@@ -142,9 +113,9 @@ def fit_mlp_head(
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    from stemst.tl._baselines import _train_early_stopped, _validation_rows
+    from stemst._early_stopping import train_early_stopped, validation_rows
 
-    val = _validation_rows(np.zeros(len(X)), np.arange(len(X)), None, 0.15, seed)
+    val = validation_rows(np.zeros(len(X)), np.arange(len(X)), None, 0.15, seed)
     xs, ys = StandardScaler().fit(X[~val]), StandardScaler().fit(Y[~val])
     x_tr, x_val = (xs.transform(X[m]).astype(np.float32) for m in (~val, val))
     y_tr, y_val = (ys.transform(Y[m]).astype(np.float32) for m in (~val, val))
@@ -155,7 +126,7 @@ def fit_mlp_head(
         random_state=np.random.RandomState(seed),
     )
     with threadpool_limits(limits=1, user_api="blas"):
-        mlp, _, _ = _train_early_stopped(mlp, (x_tr, y_tr), (x_val, y_val), max_epochs=200, patience=10, progress=False)
+        mlp, _, _ = train_early_stopped(mlp, (x_tr, y_tr), (x_val, y_val), max_epochs=200, patience=10, progress=False)
     (w1, w2), (b1, b2) = mlp.coefs_, mlp.intercepts_
     scale = np.where(xs.scale_ > 0, xs.scale_, 1.0)
     w1f = w1 / scale[:, None]
@@ -203,6 +174,7 @@ class EarlyStopping:
         return float(distributed.all_sum(total)) / (len(self.y) * self.repeats)
 
     def __call__(self, state: TrainingState) -> bool:
+        """Evaluate when due; return whether training should stop."""
         if self.curve and state.step < self.curve[-1]["step"] + self.every:
             return False
         value = self.loss(state.ema)
@@ -235,6 +207,11 @@ def _shared_samples(module: DiffusionModel, cond: torch.Tensor, *, n_samples: in
         gen = torch.Generator(module.device).manual_seed(chunk_seed(seed, k))
         out[:, rows] = module.sample(c, n_samples=n_samples, steps=steps, generator=gen) - module.head(c)
     return distributed.all_sum(out).cpu().numpy()
+
+
+def _coverage(samples: np.ndarray, y: np.ndarray, level: float) -> float:
+    """Share of ``y`` inside the central ``level`` interval of ``(n_samples, n, genes)`` samples."""
+    return float(interval_coverage(samples.transpose(1, 0, 2), y, level).mean())
 
 
 @torch.no_grad()
@@ -275,7 +252,7 @@ def calibrate(
         .numpy()
     )
     offset = module.y_mean.cpu().numpy()
-    scores = [mean_pearson(base + offset + w * m, Y) for w in RESIDUAL_WEIGHTS]
+    scores = [mean_pearson(base + offset + w * m, Y, undefined=-1.0) for w in RESIDUAL_WEIGHTS]
     weight = RESIDUAL_WEIGHTS[int(np.argmax(np.round(scores, 4)))]
     # Pearson r ignores a gene's level: the training residuals' mean is kept only as far as it lowers held-out MSE
     errors = [float(np.mean((base + a * offset + weight * m - Y) ** 2)) for a in OFFSET_WEIGHTS]
@@ -289,12 +266,12 @@ def calibrate(
             cond, n_samples=n_samples, steps=steps, generator=gen, neighbours=space[0], offsets=space[1]
         )
         samples = (drawn - module.head(cond)).cpu().numpy()
-    before = {f"coverage_{round(q * 100)}": float(interval_hits(samples, residuals, q).mean()) for q in LEVELS}
+    before = {f"coverage_{round(q * 100)}": _coverage(samples, residuals, q) for q in LEVELS}
     scales = spread_scales(samples, residuals)
     module.set_calibration(weight, torch.as_tensor(scales, dtype=torch.float32))
     center = samples.mean(0)
     wide = center + scales * (samples - center)
-    after = {f"coverage_{round(q * 100)}": float(interval_hits(wide, residuals, q).mean()) for q in LEVELS}
+    after = {f"coverage_{round(q * 100)}": _coverage(wide, residuals, q) for q in LEVELS}
     about = {
         "residual_weight": weight,
         "weights_tried": list(RESIDUAL_WEIGHTS),
@@ -310,3 +287,126 @@ def calibrate(
     }
     logger.info("Calibration on %d held-out spots: %s", len(Y), about)
     return about
+
+
+def build_module(n_genes: int, cond_dim: int, network: NetworkConfig, diffusion: DiffusionConfig) -> DiffusionModel:
+    """Return a fresh module for ``network``: the joint model for a spatial network, else the per-spot one."""
+    kind = JointDiffusionModel if network.spatial else DiffusionModel
+    return kind(n_genes, cond_dim, network, diffusion)
+
+
+def check_cross_fitting(groups: np.ndarray) -> None:
+    """Refuse too few spots for the mean head: it is cross-fitted by group, each fit on at least 2 other spots."""
+    names, sizes = np.unique(groups, return_counts=True)
+    if len(names) < 2 or (len(groups) - sizes).min() < 2:
+        raise StemstDataError(
+            f"fit with the mean head (head_pcs set) cross-fits it over groups of spots (the sections, or spatial "
+            f"blocks of a single section), fitting each without its own group on at least 2 other spots: the "
+            f"{len(groups)} training spots make {len(names)} group(s) of {sizes.tolist()} spots. Train on more spots "
+            "or sections, or pass diffusion={'head_pcs': None}."
+        )
+
+
+def spot_neighbourhoods(
+    coords: np.ndarray, sections: np.ndarray, rows: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbourhoods (indices, offsets) of the spots, or of the subset ``rows`` (indices local to it)."""
+    from stemst._spatial import neighbourhoods
+
+    keep = np.ones(len(coords), bool) if rows is None else rows
+    nb, off = neighbourhoods(coords[keep], sections[keep])
+    return torch.as_tensor(nb), torch.as_tensor(off)
+
+
+@dataclass
+class RecipeResult:
+    """Outcome of :func:`fit_recipe`."""
+
+    module: DiffusionModel  #: the EMA weights of the best held-out step, calibrated: the model to sample from
+    history: list[dict[str, float]]  #: the training curve (``val_mse`` where it was measured)
+    steps: int  #: steps trained
+    record: dict[str, Any]  #: held-out group, head, training settings, early stopping and calibration choices
+
+
+def _start(pairs: np.ndarray, Y: np.ndarray, groups: np.ndarray, configs: Configs) -> tuple:
+    """Build the module, fit its head and statistics; return it, the conditions, targets, residuals and record."""
+    network, diffusion, training, _ = configs
+    if diffusion.head_pcs:
+        check_cross_fitting(groups)
+    diffusion = diffusion.fitted(len(Y), pairs.shape[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(training.seed)
+        module = build_module(Y.shape[1], pairs.shape[1], network, diffusion)
+    cond, y = torch.as_tensor(pairs), torch.as_tensor(Y)
+    record: dict[str, Any] = {}
+    residuals = None
+    if diffusion.head_pcs:
+        residuals, record["head"] = prepare_head(module, cond, Y, groups, seed=training.seed)
+        y = module.head(cond) + torch.as_tensor(residuals)  # the diffusion learns the cross-fitted residuals
+    return module, cond, y, residuals, record
+
+
+def fit_recipe(
+    pairs: np.ndarray,
+    Y: np.ndarray,
+    groups: np.ndarray,
+    held: str | None,
+    configs: Configs,
+    *,
+    coords: np.ndarray | None = None,
+    sections: np.ndarray | None = None,
+    device: torch.device,
+    callback: Callable[[TrainingState, dict[str, Any]], bool | None] | None = None,
+    **train_kwargs: Any,
+) -> RecipeResult:
+    """Train a module on arrays with the residual recipe.
+
+    Parameters
+    ----------
+    pairs
+        ``(n * v, cond_dim)`` conditions, ``v`` views per spot (row ``i * v + k``: view ``k`` of spot ``i``).
+    Y
+        ``(n, genes)`` targets.
+    groups, held
+        The group of each spot (cross-fitting) and the one held out for stopping and calibration (``None``: none).
+    configs
+        The run's configs (:meth:`stemst.model.presets.Preset.resolve`).
+    coords, sections
+        ``(n, 2)`` spot centres and ``(n,)`` sections: the neighbourhoods of a spatial network.
+    device
+        The resolved device.
+    callback
+        Called as ``callback(state, record)`` at every history entry; ``True`` stops training.
+    **train_kwargs
+        ``checkpoint_dir``, ``resume``, ``run_info``, ``progress`` of :func:`stemst.model.train`.
+    """
+    network, diffusion, training, recipe = configs
+    module, cond, y, residuals, record = _start(pairs, Y, groups, configs)
+    record = {"validation": held, **record}
+    fit_rows = torch.as_tensor(groups != held) if held is not None else torch.ones(len(Y), dtype=torch.bool)
+    rows = fit_rows.repeat_interleave(len(pairs) // len(Y))
+    module.set_statistics(cond[rows], y[fit_rows], projection=not module.diffusion.head_pcs)
+    training = training.resolved(int(rows.sum()), default_lr=network.default_lr)
+    if network.spatial:  # each training row becomes a neighbourhood: the spot and its ring-1 neighbours
+        space = spot_neighbourhoods(coords, sections)
+        cond, y = pack(cond, *space), gather(y, space[0])
+    record.update(training.as_dict())
+    stopper = None
+    if held is not None:
+        every = max(1, training.steps // 40)
+        stopper = EarlyStopping(cond[~rows], y[~fit_rows], every=every, patience=recipe.patience, seed=training.seed)
+
+    def on_log(state: TrainingState) -> bool | None:
+        stop = stopper(state) if stopper is not None else False
+        return bool(callback(state, record)) or stop if callback else stop
+
+    result = train(module, cond[rows], y[fit_rows], training, device=device, callback=on_log, **train_kwargs)
+    if stopper is not None:
+        stopper.restore(result.ema)
+        record["early_stopping"] = {"best_step": stopper.best_step, "val_mse": stopper.best, "curve": stopper.curve}
+        if recipe.calibrate and module.diffusion.head_pcs:
+            held_rows = ~fit_rows.numpy()
+            space = spot_neighbourhoods(coords, sections, held_rows) if network.spatial else None
+            args = (torch.as_tensor(pairs)[~rows], residuals[held_rows], Y[held_rows])
+            record["calibration"] = calibrate(result.ema, *args, seed=training.seed, space=space)
+    return RecipeResult(result.ema, result.history, result.steps, record)
