@@ -54,11 +54,11 @@ def test_no_tile_seams(c2):
     small, big = 128, 2048
     assert len({tuple(np.floor((start + d) / small)) for d in (0, stats.geom.input_size)}) > 1  # straddles
     assert np.floor(start[0] / big) == np.floor((start[0] + 160) / big)  # one big tile holds it
-    _, a = _dense(c2, small, margin_px=128, rows=slice(0, 1))
-    _, b = _dense(c2, big, margin_px=128, rows=slice(0, 1))
+    _, a = _dense(c2, small, margin_px=256, rows=slice(0, 1))
+    _, b = _dense(c2, big, margin_px=256, rows=slice(0, 1))
     rel = np.abs(a - b).max() / np.abs(b).max()
     assert np.abs(a - b)[..., :SHALLOW].max() < 1e-3
-    assert rel < 0.02
+    assert rel < 0.02  # with margin_px=64 it is 0.6 in the deepest stage
 
 
 def _plan(sdata):
@@ -93,4 +93,69 @@ def test_embed_patches_dense_writes_views_in_the_per_patch_layout(c2, sdata_copy
     np.testing.assert_array_equal(views[:, 0], table.obsm["X_efficientnet_lite0"])
     assert table.uns["stemst"]["embeddings"]["X_efficientnet_lite0"]["dense"] is True
     # the views are different passes (rotated tissue), yet describe the same tissue
-    assert not np.allclose(views[:, 0], views[:, 1]) and np.corrcoef(views[:, 0].ravel(), views[:, 5].ravel())[0, 1] > 0.8
+    assert (
+        not np.allclose(views[:, 0], views[:, 1]) and np.corrcoef(views[:, 0].ravel(), views[:, 5].ravel())[0, 1] > 0.8
+    )
+
+
+@pytest.fixture(scope="module")
+def crop(data_dir):
+    """A 900 px (620 µm) square of C6's tissue as its own section, with four dummy spots."""
+    from stemst._schema import assemble, get_image, make_section, section_info
+
+    full = stemst.datasets.her2st(["C6"], cache_dir=data_dir)
+    table = full.tables["table"]
+    cy, cx = np.median(table.obsm["spatial"], 0)[::-1].astype(int)
+    image = np.asarray(get_image(full, "C6")[:, cy - 450 : cy + 450, cx - 450 : cx + 450])
+    info = section_info(table, "C6")
+    xy = np.array([[300.0, 300], [600, 300], [300, 600], [600, 600]])
+    sec = make_section(
+        "CROP",
+        image=image,
+        counts=np.ones((4, 3), int),
+        genes=["A", "B", "C"],
+        spot_ids=[f"s{i}" for i in range(4)],
+        coords=xy,
+        microns_per_pixel=info.microns_per_pixel,
+        spot_diameter_um=info.spot_diameter_um,
+        source="crop of HER2ST C6",
+    )
+    return assemble([sec]), info.microns_per_pixel
+
+
+@pytest.fixture(scope="module")
+def effnet_model(c2, sdata_copy):
+    """A tiny model on C2's per-patch EfficientNet-Lite0 features (no context), only to run predict_image."""
+    sdata = sdata_copy(c2)
+    stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=5)
+    kw = {
+        "architecture": "mlp",
+        "width": 16,
+        "depth": 1,
+        "steps": 5,
+        "validation": None,
+        "progress": False,
+        "head": False,
+    }
+    return stemst.tl.fit(sdata, embedding_key="X_efficientnet_lite0", sections="C2", **kw)
+
+
+def test_predict_image_at_a_fine_spacing_returns_the_grid(crop, effnet_model, caplog):
+    sdata, mpp = crop
+    with caplog.at_level(logging.INFO, logger="stemst"):
+        key = stemst.tl.predict_image(effnet_model, sdata, "CROP", spacing_um=16, n_samples=2, progress=False)
+    assert "GB of features and samples" in caplog.text and "Dense pass" in caplog.text  # estimate, then dense
+    grid, pred = sdata.tables["CROP_grid_table"], sdata.tables[key]
+    xy = grid.obsm["spatial"]
+    step = 16 / mpp
+    # the centres lie on the 16 µm lattice (offset half a step), inside the crop
+    np.testing.assert_allclose(((xy - step / 2) / step) % 1, 0, atol=1e-6)
+    assert xy.min() >= 0 and xy.max() <= 900 and len(xy) > 500
+    assert pred.n_obs == len(sdata.shapes["CROP_grid"]) == len(xy) and np.isfinite(pred.X).all()
+    assert "samples" not in pred.obsm and pred.layers["std"].shape == pred.X.shape  # keep_samples=False
+    assert grid.uns["stemst"]["embeddings"]["X_efficientnet_lite0"]["dense"] == {"tile_px": 2048, "margin_px": 256}
+    # neighbouring grid spots 16 µm apart see nearly the same patch: their features are close
+    feats = grid.obsm["X_efficientnet_lite0"]
+    near = np.argsort(((xy - xy[0]) ** 2).sum(1))[1]
+    far = np.argmax(((xy - xy[0]) ** 2).sum(1))
+    assert np.abs(feats[0] - feats[near]).mean() < 0.5 * np.abs(feats[0] - feats[far]).mean()

@@ -520,6 +520,18 @@ def embed_patches(
         Read a section's patches again and compare their digest with the cached file's before using it (default).
         ``False`` trusts the other settings (image shape, spot centres, encoder, patch size, views) and reads no
         pixels on a cache hit; an image edited in place is then not noticed.
+    dense
+        Compute the default encoder's stage statistics from dense activation maps: the network runs once per view
+        over the tissue under the spots (overlapping tiles, read lazily, rescaled once to the resolution the
+        per-patch path feeds it) and each spot's mean and std per stage are window sums of the maps and of their
+        squares. The cost is about one encoder pass per view over the covered tissue, whatever the number of spots
+        and however much their patches overlap (a fine grid: :func:`stemst.tl.predict_image`); for sparse spots
+        the per-patch path is cheaper. Features differ from per-patch ones where a patch's own edge padding
+        reaches into the network (the two deepest stages). Encoders that are not fully convolutional (ViTs, pooled
+        heads, callables) embed per patch (INFO log). The dense path neither reads nor writes the cache.
+    tile_px, margin_px
+        Dense path: side of a tile's core and of the margin read around it, in model pixels, multiples of 32.
+        Margins under 256 px leave visible seams in the deepest stages.
 
     Returns
     -------
