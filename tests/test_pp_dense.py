@@ -4,7 +4,6 @@ import logging
 
 import numpy as np
 import pytest
-import spatialdata as sd
 import torch
 
 import stemst
