@@ -158,3 +158,23 @@ def test_predict_image_at_a_fine_spacing_returns_the_grid(crop, effnet_model, ca
     near = np.argsort(((xy - xy[0]) ** 2).sum(1))[1]
     far = np.argmax(((xy - xy[0]) ** 2).sum(1))
     assert np.abs(feats[0] - feats[near]).mean() < 0.5 * np.abs(feats[0] - feats[far]).mean()
+
+
+def test_grid_rings_match_spatial_context_rings_at_the_training_spacing():
+    """On a square grid at the training spacing, the lattice rings are spatial_context's rings; on a grid 4x finer
+    they pick the grid spots at the same physical distances, not the grid's own neighbours."""
+    import anndata as ad
+
+    from stemst.pp._context import ring_graphs
+    from stemst.tl._predict import _lattice_rings
+
+    xy = np.array([[x, y] for x in range(9) for y in range(9)], float) * 10.0
+    mine = _lattice_rings(xy, 2, 10.0, 10.0)
+    theirs = ring_graphs(ad.AnnData(obs={"i": [str(i) for i in range(len(xy))]}, obsm={"spatial": xy}), 2, 10.0)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_allclose(a.toarray(), b.toarray(), atol=1e-12)
+    fine = np.array([[x, y] for x in range(33) for y in range(33)], float) * 2.5
+    centre = int(np.flatnonzero((fine == [40.0, 40.0]).all(1))[0])
+    ring1 = _lattice_rings(fine, 2, 10.0, 2.5)[0][centre].indices
+    dist = np.sort(np.hypot(*(fine[ring1] - fine[centre]).T))
+    np.testing.assert_allclose(dist, [10] * 4 + [10 * np.sqrt(2)] * 4)
