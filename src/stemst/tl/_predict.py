@@ -258,7 +258,7 @@ def predict_image(
     overwrite: bool = False,
     n_samples: int = 20,
     keep_samples: bool = False,
-    dense: bool = True,
+    dense: bool | str = "auto",
     tile_px: int = 2048,
     margin_px: int = 256,
     batch_size: int | None = None,
@@ -274,7 +274,7 @@ def predict_image(
     ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds every grid spot with the
     model's encoder and patch size, adds the spatial context if the model uses it and runs :func:`predict`.
 
-    With the default encoder the embedding is **dense** (``dense=True``): the network runs once per view over the
+    With the default encoder a fine grid is embedded **densely** (``dense="auto"``): the network runs once per view over the
     tissue, in overlapping tiles read lazily from the image, and each grid spot's features (mean and std of every
     stage over its patch) are window sums of the activation maps, so a grid at any spacing, down to Visium HD's 8 µm,
     costs about one encoder pass per view over the tissue. Dense features differ from per-patch ones where the patch
@@ -318,7 +318,9 @@ def predict_image(
         Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
         genes float32); the mean and std are always stored.
     dense
-        Embed from dense activation maps (default; falls back to patches for encoders that cannot run densely).
+        ``"auto"`` (default): embed from dense activation maps when that reads fewer pixels than the patches would
+        (grid spacing well below the patch size: patches overlap), else per patch; ``True``: always dense;
+        ``False``: always per patch. Encoders that cannot run densely embed per patch.
     tile_px, margin_px
         Dense pass: side of a tile's core and the margin read around it, in model pixels (multiples of 32). Larger
         tiles waste less margin but hold more activations in memory (about 2 GB for the default 2048 + 2 x 256); a
@@ -561,9 +563,12 @@ def _embed_grid(
     from stemst.pp._dense import check_tiles
 
     use_views = bool(job.context and job.context.get("use_views"))
+    if dense not in (True, False, "auto"):
+        raise ValueError(f"dense must be True, False or 'auto', got {dense!r}.")
     if dense:
         check_tiles(tile_px, margin_px)
-        if _embed_grid_dense(work, job, grid_key, use_views=use_views, tile_px=tile_px, margin_px=margin_px):
+        sizes = {"use_views": use_views, "tile_px": tile_px, "margin_px": margin_px, "auto": dense == "auto"}
+        if _embed_grid_dense(work, job, grid_key, **sizes):
             return
     embed_patches(
         work,
@@ -579,7 +584,7 @@ def _embed_grid(
 
 
 def _embed_grid_dense(
-    work: Any, job: _ImageJob, grid_key: str, *, use_views: bool, tile_px: int, margin_px: int
+    work: Any, job: _ImageJob, grid_key: str, *, use_views: bool, tile_px: int, margin_px: int, auto: bool
 ) -> bool:
     """Dense features for the grid (the mean over the views, never the per-view array); False if not possible."""
     from stemst._torch import resolve_device
@@ -600,7 +605,14 @@ def _embed_grid_dense(
     net = net.to(device)
     geom = DenseGeometry(plan.patch_px, int(encoders[0].input_size), tile_px, margin_px)
     views = N_VIEWS_DENSE if use_views else 1
-    feats = DenseStats(encoders[0], net, geom, device).run(image, _windows(coords, plan), views=views, mean_views=True)
+    stats, corners = DenseStats(encoders[0], net, geom, device), _windows(coords, plan)
+    dense_px = len(stats.tiles(stats.windows(corners))) * (tile_px + 2 * margin_px) ** 2
+    patch_px = len(coords) * geom.input_size**2
+    if auto and dense_px >= patch_px:
+        logger.info("predict_image: the patches read fewer pixels (%.0f M) than a dense pass would (%.0f M); "
+                    "embedding per patch.", patch_px / 1e6, dense_px / 1e6)  # fmt: skip
+        return False
+    feats = stats.run(image, corners, views=views, mean_views=True)
     table.obsm[job.base_key] = feats
     table.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})[job.base_key] = {
         "encoder": encoders[0].name,
