@@ -245,9 +245,7 @@ class DenseStats:
         for k, fmap in enumerate(maps):
             stride = t / fmap.shape[-1]
             box = torch.from_numpy(np.clip(rel / stride, 0, fmap.shape[-1]))
-            s1 = _window_sums(_integral(fmap), box)
-            s2 = _window_sums(_integral(fmap.square()), box)
-            sums[k][rows] += torch.cat([s1, s2], dim=1).numpy()
+            sums[k][rows] += _window_sums(_integral(torch.cat([fmap, fmap.square()])), box).numpy()
 
     def finish(self, sums: list[np.ndarray]) -> np.ndarray:
         """Mean and (unbiased, as :meth:`torch.Tensor.std`) std of every stage, in :class:`StagePooled`'s order."""
