@@ -632,7 +632,7 @@ def _embed_grid_dense(
 def _grid_context(table: ad.AnnData, job: _ImageJob) -> None:
     """Own + ring means at the training spot spacing, standardised as :func:`stemst.pp.spatial_context` does."""
     from stemst._schema import context_key, ring_key
-    from stemst.pp._context import _standardize, spot_spacing
+    from stemst.pp._context import spot_spacing
 
     context = job.context
     own = np.asarray(table.obsm[job.base_key], np.float32)
@@ -646,15 +646,30 @@ def _grid_context(table: ad.AnnData, job: _ImageJob) -> None:
         ring[empty] = inner[empty]
         table.obsm[ring_key(job.base_key, k)] = inner = ring
         rings.append(ring)
-    block = np.concatenate([own, *rings], axis=1)
-    table.obsm[context_key(job.base_key)] = (
-        _standardize(block) if context.get("standardize") and len(own) > 1 else block
-    )
+    table.obsm[context_key(job.base_key)] = _context_block(own, rings, standardize=bool(context.get("standardize")))
     settings = {**context, "spacing": {job.section: float(step)}, "grid_step": float(grid_step)}
     table.uns.setdefault(UNS_KEY, {}).setdefault("context", {})[context_key(job.base_key)] = settings
     emb = table.uns[UNS_KEY].get("embeddings", {}).get(job.base_key)
     if emb is not None:
         table.uns[UNS_KEY]["embeddings"][context_key(job.base_key)] = {**dict(emb), "context": settings}
+
+
+def _context_block(own: np.ndarray, rings: list[np.ndarray], *, standardize: bool, chunk: int = 256) -> np.ndarray:
+    """``[own, ring1, ...]`` standardised per column as :func:`stemst.pp.spatial_context` does, without copies.
+
+    Filled and standardised in place, ``chunk`` columns at a time: a fine grid's context is gigabytes.
+    """
+    n, d = own.shape
+    block = np.empty((n, d * (1 + len(rings))), np.float32)
+    for k, part in enumerate([own, *rings]):
+        block[:, k * d : (k + 1) * d] = part
+    if standardize and n > 1:
+        for start in range(0, block.shape[1], chunk):
+            cols = block[:, start : start + chunk]
+            mean, std = cols.mean(0), cols.std(0)
+            cols -= mean
+            cols /= std + 1e-3
+    return block
 
 
 def _lattice_rings(coords: np.ndarray, n_rings: int, step: float, grid_step: float) -> list[Any]:
