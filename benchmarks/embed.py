@@ -11,6 +11,12 @@ same batch size, before and after) and the full embed_patches on HER2ST C2 with 
 encoder's own rate the whole pipeline (reading, resampling, views, bookkeeping) keeps. No case reads or writes the
 embedding cache.
 
+The dense cases (issue #22): ``dense_vs_patch`` embeds C6's spots per patch and densely (one view) and compares the
+features; ``predict_image_c6_<s>um`` times ``tl.predict_image`` over C6 at 100, 50, 25 and 8 µm (all 8 views; a model
+trained briefly on C2-C5's cached per-patch features; ``STEMST_BENCH_SAMPLES`` samples per grid spot, default 2)
+beside ``one_pass_seconds``, the encoder alone over the section's tissue for all views; ``dense_validation_c5``
+applies a model trained on C2-C4's per-patch features to C5's per-patch and dense features.
+
     STEMST_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/embed.py
     python benchmarks/embed.py --cases her2st_c2_encoder_ratio     # the ratio case alone
 
