@@ -42,7 +42,7 @@ def test_dense_features_agree_with_per_patch_features_on_real_spots(c2):
     # shallow stages see the same pixels: the patch edge's padding reaches only a few cells in
     shallow = np.corrcoef(dense[:, :SHALLOW].ravel(), patch[:, :SHALLOW].ravel())[0, 1]
     assert shallow > 0.99
-    # the deepest stages (5 x 5 cells per patch) are where per-patch padding matters; measured overall 0.83 on C6
+    # the deepest stages (5 x 5 cells per patch) are where per-patch padding matters; 0.78 over C6's 178 spots
     assert np.corrcoef(dense.ravel(), patch.ravel())[0, 1] > 0.75
 
 
