@@ -142,7 +142,9 @@ def effnet_model(c2, sdata_copy):
 def test_predict_image_at_a_fine_spacing_returns_the_grid(crop, effnet_model, caplog):
     sdata, mpp = crop
     with caplog.at_level(logging.INFO, logger="stemst"):
-        key = stemst.tl.predict_image(effnet_model, sdata, "CROP", spacing_um=16, n_samples=2, progress=False)
+        key = stemst.tl.predict_image(
+            effnet_model, sdata, "CROP", spacing_um=16, n_samples=2, dense=True, progress=False
+        )
     assert "GB of features and samples" in caplog.text and "Dense pass" in caplog.text  # estimate, then dense
     grid, pred = sdata.tables["CROP_grid_table"], sdata.tables[key]
     xy = grid.obsm["spatial"]
