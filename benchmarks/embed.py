@@ -449,7 +449,7 @@ def _dense_markdown(results: list[dict]) -> list[str]:
             lines.append(
                 f"| {k} | {m['mean_pearson']:.4f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} | {m['mse']:.3f} |"
             )
-    grid = [by[c] for c in DENSE_CASES[1:] if c in by]
+    grid = [by[c] for c in DENSE_CASES if c in by and c.startswith("predict_image")]
     if grid:
         lines += [
             "",
