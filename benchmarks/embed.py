@@ -11,6 +11,12 @@ same batch size, before and after) and the full embed_patches on HER2ST C2 with 
 encoder's own rate the whole pipeline (reading, resampling, views, bookkeeping) keeps. No case reads or writes the
 embedding cache.
 
+The dense cases (issue #22): ``dense_vs_patch`` embeds C6's spots per patch and densely (one view) and compares the
+features; ``predict_image_c6_<s>um`` times ``tl.predict_image`` over C6 at 100, 50, 25 and 8 µm (all 8 views; a model
+trained briefly on C2-C5's cached per-patch features; ``STEMST_BENCH_SAMPLES`` samples per grid spot, default 2)
+beside ``one_pass_seconds``, the encoder alone over the section's tissue for all views; ``dense_validation_c5``
+applies a model trained on C2-C4's per-patch features to C5's per-patch and dense features.
+
     STEMST_DATA_DIR=../shared/data HF_HUB_OFFLINE=1 python benchmarks/embed.py
     python benchmarks/embed.py --cases her2st_c2_encoder_ratio     # the ratio case alone
 
@@ -29,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "embed.json"
 TABLE = ROOT / "docs" / "benchmarks_embed.md"
@@ -43,6 +51,13 @@ CASES = {
 }
 #: cases that also time the encoder alone, for the ratio full pipeline / encoder only
 RATIO_CASES = {"her2st_c2_encoder_ratio"}
+#: predict_image over HER2ST C6 (model: C2-C5, per-patch features, default context) at these grid spacings (µm)
+SPACINGS = (100, 50, 25, 8)
+DENSE_CASES = ["dense_vs_patch", *(f"predict_image_c6_{s}um" for s in SPACINGS), "dense_validation_c5"]
+#: samples per grid spot in the predict_image cases (STEMST_BENCH_SAMPLES): sampling, not embedding, is the cost of
+#: a fine grid on a CPU (~1 ms per spot-sample with the default MLP), so the embedding is timed with few samples
+BENCH_SAMPLES = int(os.environ.get("STEMST_BENCH_SAMPLES", "2"))
+TRAIN = ["C2", "C3", "C4", "C5"]
 
 
 def _rss_mib(field: str = "VmRSS") -> float:
@@ -196,6 +211,162 @@ def run_case(name: str) -> dict:
     return result
 
 
+def _c6_model():
+    """C2-C6 with cached per-patch embeddings (8 views) + context, and a briefly trained default model on C2-C5."""
+    import stemst
+
+    sdata = stemst.datasets.her2st([*TRAIN, "C6"])
+    stemst.pp.embed_patches(sdata, augment=True, progress=False, verify_cache=False)
+    key = stemst.pp.spatial_context(sdata)
+    stemst.pp.select_genes(sdata, train_sections=TRAIN, n_genes=100)
+    steps = int(os.environ.get("STEMST_BENCH_STEPS", "20"))  # predict_image's cost does not depend on training
+    model = stemst.tl.fit(sdata, embedding_key=key, sections=TRAIN, steps=steps, progress=False, validation=None)
+    return sdata, model
+
+
+def one_pass_seconds(sdata, section: str, *, views: int = 8) -> tuple[float, float]:
+    """Encoder alone, one pass per view over the section's tissue: (seconds, tissue megapixels at the model's scale).
+
+    The tissue area is the tissue mask (:func:`stemst.pp.tissue_mask` on the coarsest level) in model pixels (the
+    image rescaled so that a patch is the encoder's input size); the rate is the dense network on one 1024 px tile.
+    """
+    import numpy as np
+    import torch
+
+    from stemst._schema import get_image
+    from stemst.pp import tissue_mask
+    from stemst.pp._dense import dense_model, stage_maps
+    from stemst.pp._embed import plan_section
+    from stemst.pp._encoders import resolve_encoder
+
+    enc = resolve_encoder("efficientnet_lite0")
+    plan, _ = plan_section(sdata, sdata.tables["table"], section, encoders=[enc], patch_size_um=None)
+    full, coarse = get_image(sdata, section, scale=0), get_image(sdata, section, scale=99)
+    fraction = float(tissue_mask(np.asarray(coarse)).mean())
+    ratio = enc.input_size / plan.patch_px / plan.scale[0]
+    tissue_px = fraction * full.shape[1] * full.shape[2] * ratio**2
+    net = dense_model(enc.load())
+    x = torch.rand(1, 3, 1024, 1024).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        stage_maps(net, x)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            stage_maps(net, x)
+    rate = 3 * 1024**2 / (time.perf_counter() - t0)
+    return views * tissue_px / rate, tissue_px / 1e6
+
+
+def run_dense_case(name: str) -> dict:
+    """``dense_vs_patch``: C6's spots, one view, per patch and dense; ``predict_image_c6_<s>um``: a grid over C6."""
+    import stemst
+
+    result = {"case": name, "date": time.strftime("%Y-%m-%d"), "load_average_1min_before": round(os.getloadavg()[0], 2)}
+    if name == "dense_vs_patch":
+        import spatialdata as sd
+
+        sdata = stemst.datasets.her2st(["C6"])
+        a = sd.SpatialData(
+            images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": sdata.tables["table"]}
+        )
+        b = sd.SpatialData(images=dict(sdata.images), tables={"table": sdata.tables["table"].copy()})
+        t0 = time.perf_counter()
+        stemst.pp.embed_patches(a, augment=False, cache=False, progress=False)
+        t1 = time.perf_counter()
+        stemst.pp.embed_patches(b, augment=False, cache=False, progress=False, dense=True)
+        t2 = time.perf_counter()
+        p, d = (x.tables["table"].obsm["X_efficientnet_lite0"] for x in (a, b))
+        bounds = np.cumsum([0, 64, 32, 48, 80, 160, 224, 384, 640])
+        result.update(
+            spots=int(len(p)),
+            views=1,
+            max_abs_diff=round(float(np.abs(p - d).max()), 4),
+            corr=round(float(np.corrcoef(p.ravel(), d.ravel())[0, 1]), 4),
+            corr_per_stage=[
+                round(float(np.corrcoef(p[:, i:j].ravel(), d[:, i:j].ravel())[0, 1]), 4)
+                for i, j in zip(bounds[:-1], bounds[1:], strict=True)
+            ],  # fmt: skip
+            patch_seconds=round(t1 - t0, 2),
+            dense_seconds=round(t2 - t1, 2),
+        )
+        return result
+    if name == "dense_validation_c5":
+        return {**result, **dense_validation()}
+    import stemst.tl._predict as tp
+
+    spacing = float(name.removeprefix("predict_image_c6_").removesuffix("um"))
+    sdata, model = _c6_model()
+    timings = {}
+    predict = tp.predict
+
+    def timed_predict(*args, **kwargs):  # the sampling part of predict_image
+        t = time.perf_counter()
+        out = predict(*args, **kwargs)
+        timings["sample_seconds"] = time.perf_counter() - t
+        return out
+
+    tp.predict = timed_predict
+    before = _rss_mib()
+    with PeakSampler() as peak:
+        t0 = time.perf_counter()
+        key = stemst.tl.predict_image(model, sdata, "C6", spacing_um=spacing, n_samples=BENCH_SAMPLES, progress=False)
+        seconds = time.perf_counter() - t0
+    tp.predict = predict
+    alone, tissue_mpx = one_pass_seconds(sdata, "C6")
+    pred = sdata.tables[key]
+    result.update(
+        spacing_um=spacing,
+        grid_spots=int(pred.n_obs),
+        views=8,
+        n_samples=BENCH_SAMPLES,
+        seconds=round(seconds, 1),
+        sample_seconds=round(timings["sample_seconds"], 1),
+        embed_seconds=round(seconds - timings["sample_seconds"], 1),
+        one_pass_seconds=round(alone, 1),
+        tissue_mpx_model_scale=round(tissue_mpx, 1),
+        ratio_to_one_pass=round(seconds / alone, 2),
+        rss_before_mib=round(before, 1),
+        peak_rss_mib=round(peak.peak, 1),
+        finite=bool(np.isfinite(pred.X).all()),
+    )
+    return result
+
+
+def dense_validation(model_path: str | None = None) -> dict:
+    """A model trained on per-patch features of C2-C4 (package defaults), applied to C5's per-patch and dense features.
+
+    Both with 8 views (the context uses their mean); C5 is inside the training patient, never a test section.
+    """
+    import spatialdata as sd
+
+    import stemst
+
+    sdata = stemst.datasets.her2st(["C2", "C3", "C4", "C5"])
+    stemst.pp.embed_patches(sdata, augment=True, progress=False, verify_cache=False)
+    if model_path:
+        model = stemst.tl.StemstModel.load(model_path)
+    else:
+        key = stemst.pp.spatial_context(sdata)
+        stemst.pp.select_genes(sdata, train_sections=["C2", "C3", "C4"], n_genes=100)
+        model = stemst.tl.fit(sdata, embedding_key=key, sections=["C2", "C3", "C4"], progress=False)
+    table = sdata.tables["table"]
+    c5 = table[(table.obs["section"] == "C5").to_numpy()].copy()
+    dense = sd.SpatialData(images=dict(sdata.images), tables={"table": c5.copy()})
+    stemst.pp.embed_patches(dense, augment=True, progress=False, dense=True, sections="C5")
+    out = {}
+    for name, t in (("patch", c5), ("dense", dense.tables["table"])):
+        one = sd.SpatialData(tables={"table": t})
+        stemst.pp.spatial_context(one)
+        key = stemst.tl.predict(model, one, n_samples=20, progress=False)
+        summary = stemst.tl.evaluate(one, pred_key=key).summary
+        out[name] = {k: round(float(summary[k]), 4) for k in ("mean_pearson", "coverage_50", "coverage_90", "mse")}
+    p, d = c5.obsm["X_efficientnet_lite0_views"], dense.tables["table"].obsm["X_efficientnet_lite0_views"]
+    out.update(
+        max_abs_diff=round(float(np.abs(p - d).max()), 4), corr=round(float(np.corrcoef(p.ravel(), d.ravel())[0, 1]), 4)
+    )
+    out["delta_mean_pearson"] = round(out["dense"]["mean_pearson"] - out["patch"]["mean_pearson"], 4)
+    return out
+
+
 def _markdown(results: list[dict], meta: dict) -> str:
     lines = [
         "# Benchmark: `stemst.pp.embed_patches`",
@@ -216,7 +387,7 @@ def _markdown(results: list[dict], meta: dict) -> str:
         "| case | image (px) | encoder | spots x views | patch px (level) | s | spots/s | images/s | peak RSS (MiB) | rise (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in (r for r in results if "image_px" in r):
         lines.append(
             f"| {r['case']} | {r['image_px'][1]} x {r['image_px'][0]} | {r['encoder']} | {r['spots']} x {r['views']} | "
             f"{r['patch_px']} ({r['level']}) | {r['seconds']} | {r['spots_per_s']} | {r['images_per_s']} | "
@@ -244,13 +415,67 @@ def _markdown(results: list[dict], meta: dict) -> str:
                 f"{r.get('load_average_1min_before', float('nan')):.1f} / "
                 f"{r.get('load_average_1min_after', float('nan')):.1f} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _dense_markdown(results)) + "\n"
+
+
+def _dense_markdown(results: list[dict]) -> list[str]:
+    """The dense-embedding cases: per-patch vs dense features, the validation fold, predict_image at each spacing."""
+    by = {r["case"]: r for r in results}
+    lines = []
+    if "dense_vs_patch" in by:
+        r = by["dense_vs_patch"]
+        lines += [
+            "",
+            "## Dense vs per-patch features",
+            "",
+            f"HER2ST C6, its {r['spots']} spots, one view ({r['date']}): max abs difference {r['max_abs_diff']}, "
+            f"correlation {r['corr']}; per stage (stem, stages 0-6) {r['corr_per_stage']}. The shallow stages agree; "
+            "the two deepest (5 x 5 cells per patch) differ because a patch's own zero padding reaches their every "
+            f"cell. Per patch {r['patch_seconds']} s, dense {r['dense_seconds']} s (sparse spots: no gain).",
+        ]
+    if "dense_validation_c5" in by:
+        r = by["dense_validation_c5"]
+        lines += [
+            "",
+            "## A model trained on per-patch features, applied to dense features",
+            "",
+            r.get("note", "Model trained on per-patch features of C2-C4, applied to C5 (inside the training patient)."),
+            "",
+            "| features of C5 | mean r | coverage 50 | coverage 90 | MSE |",
+            "|---|---|---|---|---|",
+        ]
+        for k in ("patch", "dense"):
+            m = r[k]
+            lines.append(
+                f"| {k} | {m['mean_pearson']:.4f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} | {m['mse']:.3f} |"
+            )
+    grid = [by[c] for c in DENSE_CASES if c in by and c.startswith("predict_image")]
+    if grid:
+        lines += [
+            "",
+            "## `predict_image` over HER2ST C6 at any spacing",
+            "",
+            "All 8 views, dense embedding (the default); `one pass` is the encoder alone over the section's tissue "
+            "for all views; sampling uses the `n_samples` shown (its cost grows with spots x samples).",
+            "",
+            "| spacing (µm) | grid spots | views | samples | s | embed s | sample s | one pass s | ratio | peak RSS (MiB) | date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in grid:
+            lines.append(
+                f"| {r['spacing_um']:g} | {r['grid_spots']} | {r['views']} | {r['n_samples']} | {r['seconds']} | "
+                f"{r['embed_seconds']} | {r['sample_seconds']} | {r['one_pass_seconds']} | {r['ratio_to_one_pass']} | "
+                f"{r['peak_rss_mib']} | {r['date']} |"
+            )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=sorted(CASES), help="run one case in this process and print its JSON")
-    parser.add_argument("--cases", nargs="*", default=list(CASES), help="cases to run (default all)")
+    parser.add_argument(
+        "--case", choices=sorted([*CASES, *DENSE_CASES]), help="run one case in this process and print its JSON"
+    )
+    parser.add_argument("--cases", nargs="*", default=[*CASES, *DENSE_CASES], help="cases to run (default all)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the JSON results")
     args = parser.parse_args()
     if args.table_only:
@@ -258,7 +483,8 @@ def main() -> None:
         TABLE.write_text(_markdown(saved["results"], saved["meta"]))
         return
     if args.case:
-        print("RESULT " + json.dumps(run_case(args.case)), flush=True)
+        runner = run_dense_case if args.case in DENSE_CASES else run_case
+        print("RESULT " + json.dumps(runner(args.case)), flush=True)
         return
     import torch
 
@@ -286,10 +512,11 @@ def main() -> None:
         "device": "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "load_average_1min": os.getloadavg()[0],
     }
-    if RESULTS.exists() and set(args.cases) != set(CASES):  # a subset: keep the other cases' earlier results
+    order = [*CASES, *DENSE_CASES, "dense_validation_c5"]
+    if RESULTS.exists() and set(args.cases) != set(order):  # a subset: keep the other cases' earlier results
         fresh = {r["case"] for r in results}
         earlier = [r for r in json.loads(RESULTS.read_text())["results"] if r["case"] not in fresh]
-        results = sorted(earlier + results, key=lambda r: list(CASES).index(r["case"]) if r["case"] in CASES else 99)
+        results = sorted(earlier + results, key=lambda r: order.index(r["case"]) if r["case"] in order else 99)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     TABLE.write_text(_markdown(results, meta))

@@ -492,9 +492,9 @@ def test_predict_refuses_samples_beyond_max_memory_and_warns_above_the_lower_lim
     ("spacing", "error"),
     [
         (
-            5.0,
-            r"spacing_um=5 lays about [\d,]+ grid spots over the tissue of section 'C2', more than max_spots=50,000.*"
-            r"about \d+ µm gives 50,000.*raise max_spots",
+            2.0,
+            r"spacing_um=2 lays about [\d,]+ grid spots over the tissue of section 'C2', more than max_spots=250,000.*"
+            r"about \d+ µm gives 250,000.*raise max_spots",
         ),
         (float("nan"), r"spacing_um must be a positive number.*nan"),
         (-100.0, r"spacing_um must be a positive number.*-100"),

@@ -25,6 +25,7 @@ rotations (`augment=False`)."""),
     code("""import time
 import warnings
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
@@ -55,7 +56,7 @@ smoother map at a proportional cost.
 
 A slide of your own needs to be in stemst's data model first, with its pixel size; the readers of *Your own
 data* take sequenced data, and stemst has no reader yet for an image without spots."""),
-    code("""grid_key = stemst.tl.predict_image(model, sdata, SLIDE, progress=False)
+    code("""grid_key = stemst.tl.predict_image(model, sdata, SLIDE, keep_samples=True, progress=False)
 grid = sdata.tables[grid_key]
 grid"""),
     code("""n_spots = int((sdata.tables["table"].obs["section"] == SLIDE).sum())
@@ -63,7 +64,8 @@ print(f"{grid.n_obs} grid points over the tissue of {SLIDE}, where the ST array 
     md("""## Predicted expression
 
 The grid prediction has the layout of any stemst prediction: `X` the model's mean (log2(count + 1)),
-`layers["std"]` their standard deviation, `obsm["samples"]` the samples. Three genes of the panel that mark three
+`layers["std"]` their standard deviation, `obsm["samples"]` the samples (kept here with `keep_samples=True`, to check
+the intervals below; on a fine grid they are large, and by default only the mean and std are stored). Three genes of the panel that mark three
 compartments of a breast tumour: KRT7 (a keratin of the epithelial, here tumour, cells), COL1A1 (collagen of the
 fibrous stroma) and IGKC (immunoglobulin kappa, from plasma cells and B cells). `stemst.pl.uncertainty_map` draws
 any layer of a prediction over the H&E; we copy the mean into a layer to draw it the same way."""),
@@ -149,9 +151,28 @@ uncertainty ranks predictions: where the model says it is unsure, it is more oft
 Here the curve rises, but it is much flatter than the line: where the model is surest, its errors are larger than
 its spread says, and where it is least sure, smaller. Overall the intervals hold about as many measured values as
 they claim, but the spread separates good from bad predictions only weakly; read it as a relative flag (this
-gene, this region is less certain), not as an error bar for a single spot.
+gene, this region is less certain), not as an error bar for a single spot."""),
+    md("""## At Visium HD resolution: an 8 µm grid over the whole section
 
-## Summary
+`predict_image` embeds the grid *densely*: the encoder runs once per view over the tissue (in overlapping tiles read
+lazily from the image), and every grid spot's features are window sums of its activation maps, so an 8 µm grid,
+about 100,000 spots over this section, costs about one encoder pass over the tissue rather than one patch per spot.
+What grows with the number of spots is the sampling: two samples per spot here keep it to minutes on a CPU (the
+mean is then a two-sample mean; on a GPU, use more). The spatial context is taken at the training spots' spacing,
+whatever the grid's. Each point is a 112 µm patch's prediction placed every 8 µm: the map is finer-grained, not
+sharper than the patch. (This cell was added without re-executing the notebook on the shared 2-core CPU it was
+written on; `benchmarks/embed.py` times it.)"""),
+    code("""fine_key = stemst.tl.predict_image(
+    model, sdata, SLIDE, spacing_um=8, n_samples=2, key_added="fine", overwrite=True, progress=False
+)
+fine = sdata.tables[fine_key]
+xy = fine.obsm["spatial"]
+fig, ax = plt.subplots(figsize=(7, 7))
+ax.scatter(xy[:, 0], xy[:, 1], c=fine[:, "KRT7"].X.ravel(), s=0.2, marker="s", cmap="viridis", linewidths=0)
+ax.set(title=f"KRT7, {fine.n_obs:,} grid spots 8 µm apart", aspect="equal")
+ax.invert_yaxis()
+ax.axis("off");"""),
+    md("""## Summary
 
 `predict_image` turns a trained model into an expression map over any H&E slide of the same kind, with a
 per-point uncertainty. On this slide the grid predictions agree with the measured spots about as well as the

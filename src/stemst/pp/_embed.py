@@ -46,6 +46,7 @@ from stemst._schema import (
 from stemst._torch import resolve_device
 from stemst.io._image import check_spots_on_tissue
 
+from ._dense import MARGIN_PX, TILE_PX, DenseGeometry, DenseStats, check_tiles, dense_model
 from ._encoders import Encoder, dihedral_views, fingerprint, normalise, resolve_encoders
 
 #: value of the pixels of a patch that fall outside the image: white, like the glass around the tissue
@@ -450,6 +451,9 @@ def embed_patches(
     key_added: str | None = None,
     cache: bool | str | os.PathLike = True,
     verify_cache: bool = True,
+    dense: bool = False,
+    tile_px: int = TILE_PX,
+    margin_px: int = MARGIN_PX,
 ) -> None:
     """Embed a square H&E patch centred on every spot with an image encoder.
 
@@ -516,6 +520,18 @@ def embed_patches(
         Read a section's patches again and compare their digest with the cached file's before using it (default).
         ``False`` trusts the other settings (image shape, spot centres, encoder, patch size, views) and reads no
         pixels on a cache hit; an image edited in place is then not noticed.
+    dense
+        Compute the default encoder's stage statistics from dense activation maps: the network runs once per view
+        over the tissue under the spots (overlapping tiles, read lazily, rescaled once to the resolution the
+        per-patch path feeds it) and each spot's mean and std per stage are window sums of the maps and of their
+        squares. The cost is about one encoder pass per view over the covered tissue, whatever the number of spots
+        and however much their patches overlap (a fine grid: :func:`stemst.tl.predict_image`); for sparse spots
+        the per-patch path is cheaper. Features differ from per-patch ones where a patch's own edge padding
+        reaches into the network (the two deepest stages). Encoders that are not fully convolutional (ViTs, pooled
+        heads, callables) embed per patch (INFO log). The dense path neither reads nor writes the cache.
+    tile_px, margin_px
+        Dense path: side of a tile's core and of the margin read around it, in model pixels, multiples of 32.
+        Margins under 256 px leave visible seams in the deepest stages.
 
     Returns
     -------
@@ -536,8 +552,67 @@ def embed_patches(
     >>> sdata.tables["table"].obsm["X_color_stats"].shape
     (187, 30)
     """
-    from tqdm.auto import tqdm
+    run = _start_run(sdata, table_key=table_key, encoder=encoder, sections=sections, key_added=key_added, cache=cache)
+    plans = {
+        s: plan_section(sdata, run.adata, s, encoders=run.encoders, patch_size_um=patch_size_um) for s in run.chosen
+    }
+    for s in run.chosen:
+        _check_tissue(sdata, run.adata, s, run.coords[run.section_of == s])
+    dev = resolve_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
+    run.embedder = _Embedder(run.encoders, dev, batch_size)
+    run.n_views = N_VIEWS if augment else 1
+    dense_net = _dense_net(run.embedder, dense)
+    if dense_net is not None:
+        tile_px, margin_px = check_tiles(tile_px, margin_px)
+    spots_per_read = max(MIN_READ_SPOTS, int(batch_size) // run.n_views)  # the encoder takes them batch_size at a time
+    n_total = int(np.isin(run.section_of, run.chosen).sum())
+    logger.info("Embedding %d spots with %s on %s (%d view(s) each).", n_total, run.name, dev, run.n_views)
+    start = time.perf_counter()
+    run.jobs = {
+        s: _section_job(*plans[s], get_image(sdata, s).shape, run.coords, np.flatnonzero(run.section_of == s),
+                        spots_per_read)
+        for s in run.chosen
+    }  # fmt: skip
+    with _progress_bar(n_total, run.name, progress) as bar:
+        if dense_net is not None:
+            for s in run.chosen:
+                _encode_dense(run, s, plans[s], dense_net, tile_px=tile_px, margin_px=margin_px, bar=bar)
+        else:
+            todo = _cache_lookup(run, plans, verify_cache=verify_cache, bar=bar)
+            _encode_patches(run, plans, todo, bar=bar)
+    _store_run(run, plans, augment=augment, key_added=key_added, elapsed=time.perf_counter() - start, dense=dense_net)
 
+
+@dataclass
+class _Run:
+    """One call of :func:`embed_patches`: what it embeds and what it has embedded so far."""
+
+    adata: Any
+    encoders: list[Encoder]
+    name: str
+    key: str
+    folder: Path | None
+    coords: np.ndarray
+    section_of: np.ndarray
+    chosen: list[str]
+    embedder: Any = None
+    n_views: int = 1
+    jobs: dict[str, _SectionJob] = field(default_factory=dict)
+    feats: np.ndarray | None = None
+    clipped: np.ndarray | None = None
+    cache_hit: dict[str, bool] = field(default_factory=dict)
+
+    def put(self, rows: np.ndarray, values: np.ndarray, clip: np.ndarray) -> None:
+        """Store features ``(len(rows), views, D)`` and the clipped flags of table rows ``rows``."""
+        if self.feats is None:
+            self.feats = np.full((self.adata.n_obs, self.n_views, values.shape[-1]), np.nan, dtype=np.float32)
+        self.feats[rows] = values
+        self.clipped[rows] = clip
+
+
+def _start_run(sdata: Any, *, table_key: str, encoder: Any, sections: Any, key_added: str | None, cache: Any) -> _Run:
+    """Check the inputs (before any work: a refusal leaves the table as it was) and resolve the encoders."""
     if not hasattr(sdata, "images"):
         raise TypeError(
             f"embed_patches needs a SpatialData with the H&E images, got {type(sdata).__name__}; "
@@ -547,7 +622,7 @@ def embed_patches(
     encoders = resolve_encoders(encoder)
     name = "+".join(e.name for e in encoders)
     key = key_added or embedding_key(name)
-    for k in (key, f"{key}_views"):  # before any work: a refusal leaves the table as it was
+    for k in (key, f"{key}_views"):
         check_key_free(adata, "obsm", k, owned=_owned_keys(adata))
     folder = _cache_folder(cache)
     if folder is not None and cache is not True:  # the default cache only warns if it cannot be written
@@ -568,83 +643,143 @@ def embed_patches(
     chosen = [s for s in chosen if (section_of == s).any()]
     if not chosen:
         raise StemstDataError("No spots to embed in the requested sections.")
+    run = _Run(adata, encoders, name, key, folder, coords, section_of, chosen)
+    run.clipped = np.zeros(adata.n_obs, dtype=bool)
+    run.cache_hit = dict.fromkeys(chosen, False)
+    return run
 
-    plans = {s: plan_section(sdata, adata, s, encoders=encoders, patch_size_um=patch_size_um) for s in chosen}
-    for s in chosen:
-        _check_tissue(sdata, adata, s, coords[section_of == s])
-    dev = resolve_device(device)
-    batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
-    embedder = _Embedder(encoders, dev, batch_size)
-    n_views = N_VIEWS if augment else 1
-    spots_per_read = max(MIN_READ_SPOTS, int(batch_size) // n_views)  # the encoder takes them batch_size at a time
-    n_total = int(np.isin(section_of, chosen).sum())
-    logger.info("Embedding %d spots with %s on %s (%d view(s) each).", n_total, name, dev, n_views)
-    start = time.perf_counter()
 
-    feats: np.ndarray | None = None
-    clipped = np.zeros(adata.n_obs, dtype=bool)
-    cache_hit = dict.fromkeys(chosen, False)
-    bar = tqdm(total=n_total, desc=f"embed {name}", unit="spot", disable=not progress)
+def _progress_bar(total: int, name: str, progress: bool) -> Any:
+    from tqdm.auto import tqdm
 
-    jobs = {
-        s: _section_job(*plans[s], get_image(sdata, s).shape, coords, np.flatnonzero(section_of == s), spots_per_read)
-        for s in chosen
-    }
+    return tqdm(total=total, desc=f"embed {name}", unit="spot", disable=not progress)
 
-    def reads(s: str) -> list[Callable[[], tuple[np.ndarray, np.ndarray]]]:
-        plan, image = plans[s]
-        return [partial(read_patches, image, jobs[s].corners[sl], plan.patch_px) for sl in jobs[s].batches]
 
+def _reads(run: _Run, plans: dict, s: str) -> list[Callable[[], tuple[np.ndarray, np.ndarray]]]:
+    plan, image = plans[s]
+    return [partial(read_patches, image, run.jobs[s].corners[sl], plan.patch_px) for sl in run.jobs[s].batches]
+
+
+def _cache_lookup(run: _Run, plans: dict, *, verify_cache: bool, bar: Any) -> list[str]:
+    """Fill in the sections found in the cache; return the sections still to embed."""
     todo = []
-    for s in chosen:
-        job = jobs[s]
-        if folder is not None:
-            job.key = _section_key(plans[s][0], plans[s][1], coords[job.rows_table], embedder, n_views, job.full_shape)
-            job.path = _cache_path(folder, s, job.key)
-            if job.path.is_file():
-                digest = None
-                if verify_cache:
-                    pixels = _PixelHash()
-                    for patches, _ in _prefetched(reads(s)):
-                        pixels.update(patches)
-                    digest = pixels.hexdigest()
-                found = _read_cache(job.path, job.key, digest, len(job.rows), n_views)
-                if found is not None:
-                    if feats is None:
-                        feats = np.full((adata.n_obs, n_views, found[0].shape[-1]), np.nan, dtype=np.float32)
-                    feats[job.rows_table], clipped[job.rows_table] = found
-                    cache_hit[s] = True
-                    bar.update(len(job.rows))
-                    logger.info("Section %s: embeddings read from the cache (%s); encoder not run.", s, job.path)
-                    continue
+    for s in run.chosen:
+        job = run.jobs[s]
+        if run.folder is not None:
+            plan, image = plans[s]
+            job.key = _section_key(plan, image, run.coords[job.rows_table], run.embedder, run.n_views, job.full_shape)
+            job.path = _cache_path(run.folder, s, job.key)
+            found = _read_section_cache(run, plans, s, verify_cache) if job.path.is_file() else None
+            if found is not None:
+                run.put(job.rows_table, *found)
+                run.cache_hit[s] = True
+                bar.update(len(job.rows))
+                logger.info("Section %s: embeddings read from the cache (%s); encoder not run.", s, job.path)
+                continue
         todo.append(s)
+    return todo
 
-    tasks = [(s, sl) for s in todo for sl in jobs[s].batches]
-    readers = [r for t in todo for r in reads(t)]
+
+def _read_section_cache(run: _Run, plans: dict, s: str, verify_cache: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    job = run.jobs[s]
+    digest = None
+    if verify_cache:
+        pixels = _PixelHash()
+        for patches, _ in _prefetched(_reads(run, plans, s)):
+            pixels.update(patches)
+        digest = pixels.hexdigest()
+    return _read_cache(job.path, job.key, digest, len(job.rows), run.n_views)
+
+
+def _encode_patches(run: _Run, plans: dict, todo: list[str], *, bar: Any) -> None:
+    """Embed the patches of the sections in ``todo``, checking and caching each section once it is complete."""
+    tasks = [(s, sl) for s in todo for sl in run.jobs[s].batches]
+    readers = [r for t in todo for r in _reads(run, plans, t)]
     for (s, sl), (patches, clip) in zip(tasks, _prefetched(readers), strict=True):
-        job = jobs[s]
+        job = run.jobs[s]
         job.pixels.update(patches)
-        out = embedder(patches, augment=augment)
-        if feats is None:
-            feats = np.full((adata.n_obs, n_views, out.shape[-1]), np.nan, dtype=np.float32)
-        feats[job.rows[sl]] = out
-        clipped[job.rows[sl]] = clip
+        run.put(job.rows[sl], run.embedder(patches, augment=run.n_views > 1), clip)
         bar.update(len(patches))
         if sl.stop == len(job.rows):  # the section is complete: check it, then cache it
-            check_embedding(feats[job.rows_table], what=f"The {name} embeddings of section {s!r}")
+            _section_done(run, s)
             if job.path is not None:
-                _write_cache(job.path, job.key, job.pixels.hexdigest(), feats[job.rows_table], clipped[job.rows_table])
-    bar.close()
+                rows = job.rows_table
+                _write_cache(job.path, job.key, job.pixels.hexdigest(), run.feats[rows], run.clipped[rows])
+
+
+def _section_done(run: _Run, s: str) -> None:
+    check_embedding(run.feats[run.jobs[s].rows_table], what=f"The {run.name} embeddings of section {s!r}")
+
+
+def _dense_net(embedder: _Embedder, dense: bool) -> Any:
+    """Return the network to run densely, or None (``dense=False``, or an encoder that is not fully convolutional)."""
+    if not dense:
+        return None
+    nets = [dense_model(m) for m in embedder.models]
+    if len(nets) != 1 or nets[0] is None:
+        logger.info(
+            "dense=True: encoder %s is not a fully convolutional stage-statistics network (ViTs, pooled heads, "
+            "callables); embedding per patch instead.",
+            "+".join(e.name for e in embedder.encoders),
+        )
+        return None
+    return nets[0]
+
+
+def _encode_dense(run: _Run, s: str, plan_image: tuple, net: Any, *, tile_px: int, margin_px: int, bar: Any) -> None:
+    """Embed one section's spots from dense activation maps (no cache: the pass costs about one read of it)."""
+    plan, image = plan_image
+    job = run.jobs[s]
+    enc = run.encoders[0]
+    geom = DenseGeometry(plan.patch_px, int(enc.input_size), tile_px, margin_px)
+    stats = DenseStats(enc, net, geom, run.embedder.device)
+    feats = stats.run(image, job.corners, views=run.n_views, mean_views=False)
+    h, w = plan.shape
+    c = job.corners
+    clip = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] + plan.patch_px > h) | (c[:, 1] + plan.patch_px > w)
+    run.put(job.rows, feats, clip)
+    bar.update(len(job.rows))
+    _section_done(run, s)
+
+
+def _store_run(run: _Run, plans: dict, *, augment: bool, key_added: str | None, elapsed: float, dense: Any) -> None:
+    """Write the embeddings, the clipped flags and the settings into the table."""
+    adata, feats, clipped = run.adata, run.feats, run.clipped
     assert feats is not None
-    done = np.isin(section_of, chosen)
-    _store(adata, key, feats, done, augment=augment)
+    done = np.isin(run.section_of, run.chosen)
+    _store(adata, run.key, feats, done, augment=augment)
     old = adata.obs[CLIPPED_KEY].to_numpy(bool) if CLIPPED_KEY in adata.obs else np.zeros(adata.n_obs, bool)
     adata.obs[CLIPPED_KEY] = np.where(done, clipped, old)
-    elapsed = time.perf_counter() - start
-    settings = {
-        "encoder": name,
+    settings = _settings(run, plans, done, key_added=key_added)
+    if dense is not None:
+        settings["dense"] = True
+    emb = adata.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})
+    prev = emb.get(run.key, {})
+    for entry in ("patch_size_um", "patch_px", "level", "level_mpp", "cache_hit"):  # keep other sections' settings
+        if isinstance(prev.get(entry), dict):
+            settings[entry] = {**prev[entry], **settings[entry]}
+    emb[run.key] = settings
+    n_total = int(done.sum())
+    logger.info(
+        "Embedded %d spots in %.1f s (%.1f spots/s; %d of %d section(s) read from the cache); obsm[%r] is %d-d, "
+        "%d patch(es) padded.",
+        n_total,
+        elapsed,
+        n_total / max(elapsed, 1e-9),
+        sum(run.cache_hit.values()),
+        len(run.chosen),
+        run.key,
+        feats.shape[-1],
+        settings["n_clipped"],
+    )
+
+
+def _settings(run: _Run, plans: dict, done: np.ndarray, *, key_added: str | None) -> dict:
+    encoders = run.encoders
+    return {
+        "encoder": run.name,
         "encoders": [e.name for e in encoders],
-        "dim": int(feats.shape[-1]),
+        "dim": int(run.feats.shape[-1]),
         "input_size": [int(e.input_size) for e in encoders],
         "mean": [list(map(float, e.mean)) for e in encoders],
         "std": [list(map(float, e.std)) for e in encoders],
@@ -653,33 +788,15 @@ def embed_patches(
         "patch_px": {s: int(p.patch_px) for s, (p, _) in plans.items()},
         "level": {s: int(p.level) for s, (p, _) in plans.items()},
         "level_mpp": {s: float(p.level_mpp) for s, (p, _) in plans.items()},
-        "views": int(n_views),
-        "views_key": views_key(name) if key_added is None else f"{key}_views",
+        "views": int(run.n_views),
+        "views_key": views_key(run.name) if key_added is None else f"{run.key}_views",
         "view_order": "rot90 x k for k=0..3, then horizontal flip + rot90 x k",
         "pad_value": PAD_VALUE,
-        "n_clipped": int(clipped[done].sum()),
-        "device": str(dev),
-        "cache_hit": cache_hit,
-        "cache_dir": None if folder is None else str(folder),
+        "n_clipped": int(run.clipped[done].sum()),
+        "device": str(run.embedder.device),
+        "cache_hit": run.cache_hit,
+        "cache_dir": None if run.folder is None else str(run.folder),
     }
-    emb = adata.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})
-    prev = emb.get(key, {})
-    for entry in ("patch_size_um", "patch_px", "level", "level_mpp", "cache_hit"):  # keep other sections' settings
-        if isinstance(prev.get(entry), dict):
-            settings[entry] = {**prev[entry], **settings[entry]}
-    emb[key] = settings
-    logger.info(
-        "Embedded %d spots in %.1f s (%.1f spots/s; %d of %d section(s) read from the cache); obsm[%r] is %d-d, "
-        "%d patch(es) padded.",
-        n_total,
-        elapsed,
-        n_total / max(elapsed, 1e-9),
-        sum(cache_hit.values()),
-        len(chosen),
-        key,
-        feats.shape[-1],
-        settings["n_clipped"],
-    )
 
 
 def _owned_keys(adata: Any) -> set[str]:

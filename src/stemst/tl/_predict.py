@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import anndata as ad
@@ -51,8 +52,9 @@ SAMPLES_KEY = "samples"
 MAX_MEMORY_GB = 16.0
 #: ... and warns above this
 WARN_MEMORY_GB = 2.0
-#: :func:`predict_image` refuses a grid of more pseudo-spots than this (``max_spots``) and warns above a fifth of it
-MAX_GRID_SPOTS = 50_000
+#: :func:`predict_image` refuses a grid of more pseudo-spots than this (``max_spots``) and warns above a fifth of it:
+#: an 8 µm grid over a whole HER2ST section (~110,000 spots) fits
+MAX_GRID_SPOTS = 250_000
 
 
 def sample_memory_gb(n_spots: int, n_samples: int, n_genes: int, *, keep_samples: bool = True) -> float:
@@ -341,6 +343,10 @@ def predict_image(
     encoder: Any = None,
     overwrite: bool = False,
     n_samples: int = 20,
+    keep_samples: bool = False,
+    dense: bool | str = "auto",
+    tile_px: int = 2048,
+    margin_px: int = 256,
     batch_size: int | None = None,
     max_spots: int = MAX_GRID_SPOTS,
     max_memory_gb: float = MAX_MEMORY_GB,
@@ -351,8 +357,25 @@ def predict_image(
     """Predict expression over the tissue of a section that has an H&E image but no sequenced spots.
 
     Lays a square grid of pseudo-spots over the tissue (:func:`stemst.pp.grid_spots`), stores it as a circles element
-    ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds the patches with the model's
-    encoder and patch size (:func:`stemst.pp.embed_patches`) and runs :func:`predict` on them.
+    ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds every grid spot with the
+    model's encoder and patch size, adds the spatial context if the model uses it and runs :func:`predict`.
+
+    With the default encoder a fine grid is embedded **densely** (``dense="auto"``): the network runs once per view over the
+    tissue, in overlapping tiles read lazily from the image, and each grid spot's features (mean and std of every
+    stage over its patch) are window sums of the activation maps, so a grid at any spacing, down to Visium HD's 8 µm,
+    costs about one encoder pass per view over the tissue. Dense features differ from per-patch ones where the patch
+    edge's padding reaches into the network (mostly the two deepest stages). On validation section C5 (inside the
+    training patient) a model trained on C2-C4's per-patch features scores mean r 0.575 on dense features against
+    0.580 on per-patch ones, 50 % / 90 % coverage 0.517 / 0.879 against 0.526 / 0.882 (``docs/benchmarks_embed.md``).
+    Encoders that are not fully convolutional (ViTs, callables) embed each grid spot's patch instead (logged).
+
+    The spatial context (ring means) is taken at the model's training spot spacing in µm, whatever the grid spacing:
+    ring ``k`` of a grid spot is the mean own embedding of the grid spots nearest to the points of a square lattice
+    of that spacing, ``k`` steps away (as the rings of a square spot array), so a fine grid sees the same
+    neighbourhood the model was trained on.
+
+    Before any work the grid size, a time estimate and the memory it will hold are logged; a grid of more than
+    ``max_spots`` spots or an estimate above ``max_memory_gb`` is refused.
 
     Parameters
     ----------
@@ -378,14 +401,26 @@ def predict_image(
         before anything is computed.
     n_samples
         Samples per spot (ignored, i.e. 1, for deterministic baselines).
+    keep_samples
+        Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
+        genes float32); the mean and std are always stored.
+    dense
+        ``"auto"`` (default): embed from dense activation maps when that reads fewer pixels than the patches would
+        (grid spacing well below the patch size: patches overlap), else per patch; ``True``: always dense;
+        ``False``: always per patch. Encoders that cannot run densely embed per patch.
+    tile_px, margin_px
+        Dense pass: side of a tile's core and the margin read around it, in model pixels (multiples of 32). Larger
+        tiles waste less margin but hold more activations in memory (about 2 GB for the default 2048 + 2 x 256); a
+        margin under 256 shows tile seams in the two deepest stages.
     batch_size
-        Patches per encoder forward pass (default: 16 on CPU, 256 on CUDA).
+        Patches per encoder forward pass on the per-patch path (default: 16 on CPU, 256 on CUDA).
     max_spots
-        Refuse a grid estimated to hold more pseudo-spots than this, before laying it out (each is a patch to embed
-        and sample; the message gives the spacing that fits); above a fifth of it a warning gives the number.
+        Refuse a grid estimated to hold more pseudo-spots than this, before laying it out (the message gives the
+        spacing that fits); above a fifth of it a warning gives the number. The default allows an 8 µm grid over a
+        whole Visium or ST section.
     max_memory_gb
-        Refuse to start when the samples would need more memory than this (as in :func:`predict`), before the
-        patches are embedded.
+        Refuse to start when the features, context and samples would need more memory than this (estimated before
+        anything is embedded).
     {rng}
     {progress}
     **sample_kwargs
@@ -394,8 +429,7 @@ def predict_image(
     Returns
     -------
     The key of the new prediction table (same layout as :func:`predict`'s), annotating ``shapes[f"{{section}}_grid"]``.
-    When the model was trained on spatial-context features (:func:`stemst.pp.spatial_context`), the grid's context
-    is computed the same way. If any step fails, ``sdata`` is left as it was.
+    If any step fails, ``sdata`` is left as it was.
 
     Examples
     --------
@@ -403,13 +437,78 @@ def predict_image(
     >>> key, len(sdata.shapes["C6_grid"]) == sdata.tables[key].n_obs
     ('stemst_prediction_C6_grid', True)
     """
-    import spatialdata as sd
-    from spatialdata.models import ShapesModel, TableModel
-    from spatialdata.transformations import Identity
+    from stemst.pp import grid_spots
 
+    job = _image_job(model, sdata, section, spacing_um, table_key, key_added, overwrite, n_samples, encoder)
+    centres, _ = grid_spots(
+        sdata, section, spacing_um=job.spacing_um, table_key=table_key, min_tissue=min_tissue, max_spots=max_spots
+    )
+    if not len(centres):
+        raise StemstDataError(f"No tissue found in section {section!r}; lower min_tissue or check the image.")
+    if len(centres) > max_spots / 5:
+        warn(f"predict_image: {len(centres):,} grid spots {job.spacing_um:g} µm apart in section {section!r} to embed.")
+    n_draw = n_samples if model.stochastic else 1
+    _announce(job, model, len(centres), n_draw, keep_samples=keep_samples, max_memory_gb=max_memory_gb, dense=dense)
+    work, grid_key = _grid_element(sdata, job, centres)
+    _embed_grid(work, job, grid_key, dense=dense, tile_px=tile_px, margin_px=margin_px, batch_size=batch_size,
+                progress=progress)  # fmt: skip
+    if job.context:
+        _grid_context(work.tables[grid_key], job)
+    logger.info("Predicting %d grid spots (%.0f µm apart) in section %r", len(centres), job.spacing_um, section)
+    predict(
+        model,
+        work,
+        table_key=grid_key,
+        key_added=job.out_key,
+        n_samples=n_samples,
+        keep_samples=keep_samples,
+        max_memory_gb=max_memory_gb,
+        rng=rng,
+        progress=progress,
+        **sample_kwargs,
+    )
+    sdata.shapes[job.region] = work.shapes[job.region]
+    sdata.tables[grid_key] = work.tables[grid_key]
+    sdata.tables[job.out_key] = work.tables[job.out_key]
+    return job.out_key
+
+
+#: CPU rate of the default encoder, model pixels per second per view on 2 cores (for the time estimate only)
+DENSE_PX_PER_S = 2.0e6
+#: ... and of the per-patch path, patches per second per view
+PATCHES_PER_S = 60.0
+
+
+@dataclass
+class _ImageJob:
+    """What :func:`predict_image` lays out and embeds, decided before any work."""
+
+    section: str
+    info: Any
+    spacing_um: float
+    patch_um: float | None
+    region: str
+    out_key: str
+    encoder: Any
+    context: dict | None
+    base_key: str
+    ring_spacing_um: float | None = None
+
+
+def _image_job(
+    model: Predictor,
+    sdata: Any,
+    section: str,
+    spacing_um: float | None,
+    table_key: str,
+    key_added: str | None,
+    overwrite: bool,
+    n_samples: int,
+    encoder: Any,
+) -> _ImageJob:
+    """Check the arguments and the keys to write (refusing before any work) and settle the grid's settings."""
     from stemst._schema import section_info
     from stemst._spatial import check_spacing
-    from stemst.pp import embed_patches, grid_spots, spatial_context
 
     if encoder is None and not model.encoder.get("encoder"):
         raise StemstDataError(
@@ -421,8 +520,7 @@ def predict_image(
         check_spacing(spacing_um)
     info = section_info(get_table(sdata, table_key), section)
     region, out_key = f"{section}_grid", key_added or f"{PREDICTION_KEY}_{section}_grid"
-    grid_key = f"{region}_table"
-    for key in (grid_key, out_key):
+    for key in (f"{region}_table", out_key):
         check_table_key_free(sdata, key, overwrite=overwrite, counts_key=table_key)
     if region in sdata.shapes and not overwrite:
         raise StemstDataError(f"sdata.shapes[{region!r}] exists; pass overwrite=True to replace the grid.")
@@ -431,20 +529,90 @@ def predict_image(
         patch_um = float(np.median(list(patch_um.values())))
     if spacing_um is None:
         spacing_um = float(patch_um) if patch_um else info.spot_diameter_um
-    centres, _ = grid_spots(
-        sdata, section, spacing_um=spacing_um, table_key=table_key, min_tissue=min_tissue, max_spots=max_spots
+    context = model.encoder.get("context") or None
+    job = _ImageJob(
+        section=section,
+        info=info,
+        spacing_um=float(spacing_um),
+        patch_um=float(patch_um) if patch_um else None,
+        region=region,
+        out_key=out_key,
+        encoder=encoder if encoder is not None else (model.encoder.get("encoders") or model.encoder["encoder"]),
+        context=context,
+        base_key=context["embedding_key"] if context else model.embedding_key,
     )
-    if not len(centres):
-        raise StemstDataError(f"No tissue found in section {section!r}; lower min_tissue or check the image.")
-    if len(centres) > max_spots / 5:
-        warn(f"predict_image: {len(centres):,} grid spots {spacing_um:g} µm apart in section {section!r} to embed.")
-    n_draw = n_samples if model.stochastic else 1
-    check_memory(len(centres), n_draw, model.n_genes, keep_samples=True, max_memory_gb=max_memory_gb)
+    if context:
+        job.ring_spacing_um = _training_spacing_um(model, context)
+    return job
+
+
+def _training_spacing_um(model: Predictor, context: dict) -> float | None:
+    """Return the spot spacing (µm) of the model's training sections, from the recorded context spacing (px) and µm/px."""
+    spacing = context.get("spacing") or {}
+    mpp, level = model.encoder.get("level_mpp"), model.encoder.get("level")
+    if not isinstance(mpp, dict) or not isinstance(spacing, dict):
+        return None
+    level = level if isinstance(level, dict) else {}
+    seen = getattr(model, "training", {}).get("sections") or list(spacing)
+    values = [float(spacing[s]) * float(mpp[s]) / 2 ** int(level.get(s, 0)) for s in spacing if s in seen and s in mpp]
+    return float(np.median(values)) if values else None
+
+
+def _announce(
+    job: _ImageJob,
+    model: Predictor,
+    n_spots: int,
+    n_draw: int,
+    *,
+    keep_samples: bool,
+    max_memory_gb: float,
+    dense: bool,
+) -> None:
+    """Log the grid, a time estimate and the memory it will hold; refuse above ``max_memory_gb``."""
+    dim = int(model.encoder.get("dim") or 1632)
+    n_rings = int(job.context["n_rings"]) if job.context else 0
+    views = N_VIEWS_DENSE if job.context and job.context.get("use_views") else 1
+    # own features (+ per-view sums on the dense path), rings, context and its standardised copy, float32/64
+    feature_gb = 4.0 * n_spots * dim * (2 + 2 * n_rings + 2 * (1 + n_rings) + (4 if dense else views)) / 1e9
+    sample_gb = sample_memory_gb(n_spots, n_draw, model.n_genes, keep_samples=keep_samples)
+    need = feature_gb + sample_gb
+    tissue_px = n_spots * (job.spacing_um / 0.7) ** 2  # grid cells cover the tissue; 0.7 µm per model pixel
+    seconds = views * max(tissue_px, 1.0) * 1.6 / DENSE_PX_PER_S if dense else views * n_spots / PATCHES_PER_S
+    logger.info(
+        "predict_image: %d grid spots %.0f µm apart in section %r, %d view(s), %d sample(s) each; about %.1f GB of "
+        "features and samples; encoder about %.0f s on a 2-core CPU (less on a GPU), sampling extra.",
+        n_spots,
+        job.spacing_um,
+        job.section,
+        views,
+        n_draw,
+        need,
+        seconds,
+    )
+    if need > max_memory_gb:
+        raise StemstDataError(
+            f"predict_image: {n_spots:,} grid spots would hold about {need:.1f} GB of features and samples, more "
+            f"than max_memory_gb={max_memory_gb:g}. Use a coarser spacing_um, fewer n_samples, keep_samples=False, "
+            "or raise max_memory_gb if the machine has the memory."
+        )
+
+
+#: views of the default augmentation (the dihedral group)
+N_VIEWS_DENSE = 8
+
+
+def _grid_element(sdata: Any, job: _ImageJob, centres: np.ndarray) -> tuple[Any, str]:
+    """Build the grid as circles with a table, in a new SpatialData sharing ``sdata``'s image (added to it at the end)."""
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    section, region, info = job.section, job.region, job.info
     ids = pd.Index([f"g{i}" for i in range(len(centres))])
     shapes = ShapesModel.parse(
         centres,
         geometry=0,
-        radius=np.full(len(centres), spacing_um / info.microns_per_pixel / 2),
+        radius=np.full(len(centres), job.spacing_um / info.microns_per_pixel / 2),
         index=ids,
         transformations={section: Identity()},
     )
@@ -460,44 +628,162 @@ def predict_image(
     grid.obsm[SPATIAL_KEY] = centres
     grid.uns[UNS_KEY] = {"sections": {section: info.to_dict()}}
     grid = TableModel.parse(grid, region=region, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    # built apart from sdata (sharing its image), and added to it only once everything has worked
     work = sd.SpatialData(images={f"{section}_he": sdata.images[f"{section}_he"]}, shapes={region: shapes})
+    grid_key = f"{region}_table"
     work.tables[grid_key] = grid
-    context = model.encoder.get("context")
-    base_key = context["embedding_key"] if context else model.embedding_key
+    return work, grid_key
+
+
+def _embed_grid(
+    work: Any,
+    job: _ImageJob,
+    grid_key: str,
+    *,
+    dense: bool,
+    tile_px: int,
+    margin_px: int,
+    batch_size: Any,
+    progress: bool,
+) -> None:
+    """Embed the grid spots: ``obsm[base_key]`` is the mean of the views when the context uses them, else view 0."""
+    from stemst.pp import embed_patches
+    from stemst.pp._dense import check_tiles
+
+    use_views = bool(job.context and job.context.get("use_views"))
+    if dense not in (True, False, "auto"):
+        raise ValueError(f"dense must be True, False or 'auto', got {dense!r}.")
+    if dense:
+        check_tiles(tile_px, margin_px)
+        sizes = {"use_views": use_views, "tile_px": tile_px, "margin_px": margin_px, "auto": dense == "auto"}
+        if _embed_grid_dense(work, job, grid_key, **sizes):
+            return
     embed_patches(
         work,
-        encoder=encoder if encoder is not None else (model.encoder.get("encoders") or model.encoder["encoder"]),
+        encoder=job.encoder,
         table_key=grid_key,
-        sections=[section],
-        patch_size_um=patch_um or None,
-        augment=bool(context and context.get("use_views")),
+        sections=[job.section],
+        patch_size_um=job.patch_um,
+        augment=use_views,
         batch_size=batch_size,
         progress=progress,
-        key_added=base_key,
+        key_added=job.base_key,
     )
-    if context:
-        spatial_context(
-            work,
-            embedding_key=base_key,
-            n_rings=int(context["n_rings"]),
-            use_views=bool(context["use_views"]),
-            standardize=bool(context["standardize"]),
-            table_key=grid_key,
-        )
-    logger.info("Predicting %d grid spots (%.0f µm apart) in section %r", len(ids), spacing_um, section)
-    predict(
-        model,
-        work,
-        table_key=grid_key,
-        key_added=out_key,
-        n_samples=n_samples,
-        max_memory_gb=max_memory_gb,
-        rng=rng,
-        progress=progress,
-        **sample_kwargs,
-    )
-    sdata.shapes[region] = work.shapes[region]
-    sdata.tables[grid_key] = work.tables[grid_key]
-    sdata.tables[out_key] = work.tables[out_key]
-    return out_key
+
+
+def _embed_grid_dense(
+    work: Any, job: _ImageJob, grid_key: str, *, use_views: bool, tile_px: int, margin_px: int, auto: bool
+) -> bool:
+    """Dense features for the grid (the mean over the views, never the per-view array); False if not possible."""
+    from stemst._torch import resolve_device
+    from stemst.pp._dense import DenseGeometry, DenseStats, dense_model
+    from stemst.pp._embed import _check_tissue, _windows, plan_section
+    from stemst.pp._encoders import resolve_encoders
+
+    encoders = resolve_encoders(job.encoder)
+    net = dense_model(encoders[0].load("cpu")) if len(encoders) == 1 else None
+    if net is None:
+        logger.info("predict_image: encoder %s cannot run densely; embedding each grid spot's patch.", job.encoder)
+        return False
+    table = work.tables[grid_key]
+    coords = np.asarray(table.obsm[SPATIAL_KEY], np.float64)
+    plan, image = plan_section(work, table, job.section, encoders=encoders, patch_size_um=job.patch_um)
+    _check_tissue(work, table, job.section, coords)
+    device = resolve_device("auto")
+    net = net.to(device)
+    geom = DenseGeometry(plan.patch_px, int(encoders[0].input_size), tile_px, margin_px)
+    views = N_VIEWS_DENSE if use_views else 1
+    stats, corners = DenseStats(encoders[0], net, geom, device), _windows(coords, plan)
+    dense_px = len(stats.tiles(stats.windows(corners))) * (tile_px + 2 * margin_px) ** 2
+    patch_px = len(coords) * geom.input_size**2
+    if auto and dense_px >= patch_px:
+        logger.info("predict_image: the patches read fewer pixels (%.0f M) than a dense pass would (%.0f M); "
+                    "embedding per patch.", patch_px / 1e6, dense_px / 1e6)  # fmt: skip
+        return False
+    feats = stats.run(image, corners, views=views, mean_views=True)
+    table.obsm[job.base_key] = feats
+    table.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})[job.base_key] = {
+        "encoder": encoders[0].name,
+        "encoders": [encoders[0].name],
+        "dim": int(feats.shape[1]),
+        "patch_size_um": {job.section: float(plan.patch_size_um)},
+        "patch_px": {job.section: int(plan.patch_px)},
+        "level": {job.section: int(plan.level)},
+        "level_mpp": {job.section: float(plan.level_mpp)},
+        "views": views,
+        "views_mean": True,
+        "dense": {"tile_px": tile_px, "margin_px": margin_px},
+    }
+    return True
+
+
+def _grid_context(table: ad.AnnData, job: _ImageJob) -> None:
+    """Own + ring means at the training spot spacing, standardised as :func:`stemst.pp.spatial_context` does."""
+    from stemst._schema import context_key, ring_key
+    from stemst._spatial import spot_spacing
+
+    context = job.context
+    own = np.asarray(table.obsm[job.base_key], np.float32)
+    coords = np.asarray(table.obsm[SPATIAL_KEY], np.float64)
+    step = job.ring_spacing_um / job.info.microns_per_pixel if job.ring_spacing_um else spot_spacing(coords)
+    grid_step = spot_spacing(coords) if len(coords) > 1 else step
+    inner, rings = own, []
+    for k, graph in enumerate(_lattice_rings(coords, int(context["n_rings"]), step, grid_step), start=1):
+        ring = np.asarray(graph @ own, np.float32)
+        empty = np.asarray(graph.sum(1)).ravel() == 0
+        ring[empty] = inner[empty]
+        table.obsm[ring_key(job.base_key, k)] = inner = ring
+        rings.append(ring)
+    table.obsm[context_key(job.base_key)] = _context_block(own, rings, standardize=bool(context.get("standardize")))
+    settings = {**context, "spacing": {job.section: float(step)}, "grid_step": float(grid_step)}
+    table.uns.setdefault(UNS_KEY, {}).setdefault("context", {})[context_key(job.base_key)] = settings
+    emb = table.uns[UNS_KEY].get("embeddings", {}).get(job.base_key)
+    if emb is not None:
+        table.uns[UNS_KEY]["embeddings"][context_key(job.base_key)] = {**dict(emb), "context": settings}
+
+
+def _context_block(own: np.ndarray, rings: list[np.ndarray], *, standardize: bool, chunk: int = 256) -> np.ndarray:
+    """``[own, ring1, ...]`` standardised per column as :func:`stemst.pp.spatial_context` does, without copies.
+
+    Filled and standardised in place, ``chunk`` columns at a time: a fine grid's context is gigabytes.
+    """
+    n, d = own.shape
+    block = np.empty((n, d * (1 + len(rings))), np.float32)
+    for k, part in enumerate([own, *rings]):
+        block[:, k * d : (k + 1) * d] = part
+    if standardize and n > 1:
+        for start in range(0, block.shape[1], chunk):
+            cols = block[:, start : start + chunk]
+            mean, std = cols.mean(0), cols.std(0)
+            cols -= mean
+            cols /= std + 1e-3
+    return block
+
+
+def _lattice_rings(coords: np.ndarray, n_rings: int, step: float, grid_step: float) -> list[Any]:
+    """Row-normalised ring graphs: ring ``k`` holds the grid spots nearest to a square lattice's ring-``k`` points.
+
+    The lattice has spacing ``step`` (the training spots'); its ring ``k`` is the points ``(i, j) * step`` with
+    ``k - 0.5 < sqrt(i^2 + j^2) <= k + 0.5``, as the rings of :func:`stemst.pp.spatial_context` on a square array.
+    A lattice point with no grid spot within half a grid step (diagonal) is left out of the mean.
+    """
+    import scipy.sparse as sp
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(coords)
+    reach = np.arange(-(n_rings + 1), n_rings + 2)
+    graphs = []
+    for k in range(1, n_rings + 1):
+        rows, cols = [], []
+        for i in reach:
+            for j in reach:
+                if not k - 0.5 < np.hypot(i, j) <= k + 0.5:
+                    continue
+                dist, idx = tree.query(coords + np.array([i, j]) * step, distance_upper_bound=grid_step * 0.75)
+                ok = np.isfinite(dist)
+                rows.append(np.flatnonzero(ok))
+                cols.append(idx[ok])
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        adj = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(coords),) * 2)
+        deg = np.asarray(adj.sum(1)).ravel()
+        graphs.append(sp.diags(np.divide(1.0, deg, out=np.zeros_like(deg), where=deg > 0)) @ adj)
+    return graphs
