@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from stemst.pp import Encoder, list_encoders, register_encoder
-from stemst.pp._encoders import ColorStats, _efficientnet_lite0, dihedral_views, resolve_encoder, resolve_encoders
+from stemst.pp._encoders import (
+    BUILTIN,
+    ColorStats,
+    StagePooled,
+    _efficientnet_lite0,
+    dihedral_views,
+    fingerprint,
+    resolve_encoder,
+    resolve_encoders,
+)
 
 
 def test_registry_lists_offline_default_and_hub_models():
@@ -29,6 +38,22 @@ def test_registry_lists_offline_default_and_hub_models():
     assert resolve_encoder("virchow2").dim == 2560
     assert resolve_encoder("h-optimus-0").std == (0.211883, 0.230117, 0.177517)
     assert resolve_encoder("conch").input_size == 448
+
+
+def test_hub_declarations_name_their_repository_and_what_they_need():
+    hub = {e.name: e for e in BUILTIN if e.hub_repo is not None}
+    assert sorted(hub) == ["conch", "h-optimus-0", "h-optimus-1", "phikon", "phikon-v2", "uni", "uni2-h", "virchow2"]
+    assert hub["h-optimus-1"].hub_repo == "bioptimus/H-optimus-1" and hub["phikon-v2"].hub_repo == "owkin/phikon-v2"
+    assert hub["uni"].requires == ("huggingface_hub",) and hub["phikon"].requires == ("transformers",)
+    assert [e.name for e in BUILTIN] == list(list_encoders())[: len(BUILTIN)]
+
+
+def test_model_classes_keep_the_module_their_cache_keys_were_made_with():
+    # fingerprint() hashes a model's class with its module: moving a class must not invalidate embedding caches
+    for cls in (StagePooled, ColorStats):
+        assert cls.__module__ == "stemst.pp._encoders", cls
+    model = Encoder("cs", ColorStats, input_size=64).load()
+    assert fingerprint(model) == fingerprint(ColorStats())
 
 
 def test_unknown_encoder_lists_known_names():
