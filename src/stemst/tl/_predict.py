@@ -344,7 +344,7 @@ def predict_image(
     overwrite: bool = False,
     n_samples: int = 20,
     keep_samples: bool = False,
-    dense: bool | str = "auto",
+    dense: bool | str = False,
     tile_px: int = 2048,
     margin_px: int = 256,
     batch_size: int | None = None,
@@ -360,13 +360,15 @@ def predict_image(
     ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds every grid spot with the
     model's encoder and patch size, adds the spatial context if the model uses it and runs :func:`predict`.
 
-    With the default encoder a fine grid is embedded **densely** (``dense="auto"``): the network runs once per view over the
-    tissue, in overlapping tiles read lazily from the image, and each grid spot's features (mean and std of every
-    stage over its patch) are window sums of the activation maps, so a grid at any spacing, down to Visium HD's 8 µm,
-    costs about one encoder pass per view over the tissue. Dense features differ from per-patch ones where the patch
-    edge's padding reaches into the network (mostly the two deepest stages). On validation section C5 (inside the
-    training patient) a model trained on C2-C4's per-patch features scores mean r 0.575 on dense features against
-    0.580 on per-patch ones, 50 % / 90 % coverage 0.517 / 0.879 against 0.526 / 0.882 (``docs/benchmarks_embed.md``).
+    With ``dense=True`` and the default encoder the grid is embedded **densely**: the network runs once per view
+    over the tissue, in overlapping tiles read lazily from the image, and each grid spot's features (mean and std of
+    every stage over its patch) are window sums of the activation maps. One such pass over C6's tissue (8 views)
+    takes 26 s here, but the window sums do not yet keep up: on C6 at 50 µm (2,599 spots) the dense path took 741 s
+    against 274 s per patch, so per patch stays the default until they do (``docs/benchmarks_embed.md``). Dense
+    features differ from per-patch ones where the patch edge's padding reaches into the network (mostly the two
+    deepest stages). On validation section C5 (inside the training patient) a model trained on C2-C4's per-patch
+    features scores mean r 0.575 on dense features against 0.580 on per-patch ones, 50 % / 90 % coverage
+    0.517 / 0.879 against 0.526 / 0.882.
     Encoders that are not fully convolutional (ViTs, callables) embed each grid spot's patch instead (logged).
 
     The spatial context (ring means) is taken at the model's training spot spacing in µm, whatever the grid spacing:
@@ -405,9 +407,9 @@ def predict_image(
         Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
         genes float32); the mean and std are always stored.
     dense
-        ``"auto"`` (default): embed from dense activation maps when that reads fewer pixels than the patches would
-        (grid spacing well below the patch size: patches overlap), else per patch; ``True``: always dense;
-        ``False``: always per patch. Encoders that cannot run densely embed per patch.
+        ``False`` (default): per patch; ``True``: from dense activation maps; ``"auto"``: dense when that reads
+        fewer pixels than the patches would (grid spacing well below the patch size), else per patch. Encoders
+        that cannot run densely embed per patch.
     tile_px, margin_px
         Dense pass: side of a tile's core and the margin read around it, in model pixels (multiples of 32). Larger
         tiles waste less margin but hold more activations in memory (about 2 GB for the default 2048 + 2 x 256); a
