@@ -154,16 +154,17 @@ they claim, but the spread separates good from bad predictions only weakly; read
 gene, this region is less certain), not as an error bar for a single spot."""),
     md("""## At Visium HD resolution: an 8 µm grid over the whole section
 
-`predict_image` embeds the grid *densely*: the encoder runs once per view over the tissue (in overlapping tiles read
-lazily from the image), and every grid spot's features are window sums of its activation maps, so an 8 µm grid,
-about 100,000 spots over this section, costs about one encoder pass over the tissue rather than one patch per spot.
+With `dense=True`, `predict_image` embeds the grid *densely*: the encoder runs once per view over the tissue (in
+overlapping tiles read lazily from the image), and every grid spot's features are window sums of its activation
+maps, rather than one patch per spot. (The window sums are not yet fast on a CPU: at 50 µm the dense path took 741 s
+against a 26 s encoder pass, `docs/scaling.md`; per patch stays the default.)
 What grows with the number of spots is the sampling: two samples per spot here keep it to minutes on a CPU (the
 mean is then a two-sample mean; on a GPU, use more). The spatial context is taken at the training spots' spacing,
 whatever the grid's. Each point is a 112 µm patch's prediction placed every 8 µm: the map is finer-grained, not
 sharper than the patch. (This cell was added without re-executing the notebook on the shared 2-core CPU it was
 written on; `benchmarks/embed.py` times it.)"""),
     code("""fine_key = stemst.tl.predict_image(
-    model, sdata, SLIDE, spacing_um=8, n_samples=2, key_added="fine", overwrite=True, progress=False
+    model, sdata, SLIDE, spacing_um=8, n_samples=2, dense=True, key_added="fine", overwrite=True, progress=False
 )
 fine = sdata.tables[fine_key]
 xy = fine.obsm["spatial"]
