@@ -28,7 +28,7 @@ import pandas as pd
 
 from stemst._errors import warn
 from stemst._logging import logger
-from stemst._schema import SECTION_KEY, StemstDataError, section_mask
+from stemst._schema import StemstDataError, section_mask, spot_sections
 from stemst.tl._data import as_tables, library_size, training_set
 
 #: principal components of the training embeddings that span the reference subspace
@@ -198,7 +198,7 @@ def diagnose(model: Any, src: ad.AnnData) -> tuple[np.ndarray, dict[str, dict[st
         logger.info("No out-of-distribution score: the table lacks obsm[%r].", ref.embedding_key)
         return None
     scores = ref.score(np.asarray(src.obsm[ref.embedding_key], np.float64)).astype(np.float32)
-    sections = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else np.full(src.n_obs, "")
+    sections = spot_sections(src)
     summary = {}
     for s in pd.unique(sections):
         mine = scores[sections == s]
@@ -240,7 +240,7 @@ def depth_factors(model: Any, src: ad.AnnData, depth: Any) -> np.ndarray | None:
         totals = library_size(src) if src.X is not None else np.zeros(src.n_obs)
         if not (totals > 0).any():
             raise StemstDataError("depth='measured' needs the spots' counts, but the table has none (all zero).")
-        sections = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else np.zeros(src.n_obs)
+        sections = spot_sections(src)
         values = pd.Series(totals).groupby(sections).transform("median").to_numpy()
     else:
         values = np.broadcast_to(np.asarray(depth, np.float64), (src.n_obs,)) if np.ndim(depth) == 0 else depth
