@@ -226,13 +226,14 @@ def calibrate(
     seed: int = 0,
     space: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Choose the residual-mean weight and the per-gene spread on held-out spots; set them on ``module``.
+    """Choose the residual-mean weight, the offset weight and the per-gene spread on held-out spots; set them.
 
     ``residuals`` are the held-out spots' cross-fitted residuals and ``Y`` their targets, so ``Y - residuals`` is
     what a head fitted without them predicts. The weight maximises the held-out mean Pearson r of that prediction
-    plus the weighted network mean; the offset weight (on ``module.y_mean``, the training sections' mean cross-fitted
-    residual, which Pearson r cannot see) minimises that prediction's held-out squared error; the spread makes the central intervals of the samples hold their nominal share
-    of the held-out values (:func:`stemst.model.calibration.spread_scales`).
+    plus the weighted network mean; the offset weight (on ``module.y_mean``, the training sections' mean
+    cross-fitted residual, which Pearson r cannot see) minimises that prediction's held-out squared error; the
+    spread makes the central intervals of the samples hold their nominal share of the held-out values
+    (:func:`stemst.model.calibration.spread_scales`).
     """
     module.eval()
     n_held = len(Y)
