@@ -9,9 +9,10 @@ counts to a given depth (:func:`depth_factors`, :func:`rescale`).
 The out-of-distribution (OOD) score is computed on the spot's own embedding *before* the per-section
 standardisation of the spatial-context features (:func:`stemst.pp.spatial_context` removes each section's mean and
 scale, and with them exactly the shift to detect): the squared distance of the standardised embedding from the
-subspace of the training spots' top :data:`OOD_PCS` principal components (at most half the features), per feature, divided by its
-:data:`OOD_QUANTILE` quantile on the training section :func:`stemst.tl.fit` holds out. So about 5% of the spots of
-an unseen section of the training patient score above 1, and a spot above 1 is out of distribution.
+subspace of the training spots' top :data:`OOD_PCS` principal components (at most half the features), per
+feature, divided by its :data:`OOD_QUANTILE` quantile on the training section :func:`stemst.tl.fit` holds out. So
+about 5% of the spots of an unseen section of the training patient score above 1, and a spot above 1 is out of
+distribution.
 Measured on HER2ST (EfficientNet-Lite0 features, each leave-one-section-out split of C2-C6): the test sections of
 patient C 2-13% above 1, section A1 of patient A 68% (``docs/new_patient.md``).
 """
