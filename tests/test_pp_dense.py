@@ -67,7 +67,12 @@ def _plan(sdata):
 
 @pytest.mark.parametrize(
     ("tile", "margin", "match"),
-    [(200, 64, "multiple of 32"), (1024, 50, "multiple of 32"), (64, 0, r"tile_px .*\[128, 8192\]"), (1024.0, 64, "tile_px must be a whole number of pixels")],
+    [
+        (200, 64, "multiple of 32"),
+        (1024, 50, "multiple of 32"),
+        (64, 0, r"tile_px .*\[128, 8192\]"),
+        (1024.0, 64, "tile_px must be a whole number of pixels"),
+    ],
 )
 def test_tile_arguments_are_checked(tile, margin, match):
     with pytest.raises(ValueError, match=match):

@@ -390,6 +390,19 @@ def sections(adata: ad.AnnData) -> list[str]:
     return sorted(str(k) for k in info)
 
 
+def spot_sections(adata: ad.AnnData) -> np.ndarray:
+    """Each spot's section name as a string array; ``""`` for every spot of a table without ``obs['section']``.
+
+    Examples
+    --------
+    >>> spot_sections(ad.AnnData(obs=pd.DataFrame({"section": ["A", "B"]}, index=["a", "b"]))).tolist()
+    ['A', 'B']
+    """
+    if SECTION_KEY not in adata.obs:
+        return np.full(adata.n_obs, "")
+    return adata.obs[SECTION_KEY].astype(str).to_numpy()
+
+
 def section_info(adata: ad.AnnData, section: str) -> SectionInfo:
     """Metadata of ``section`` stored in the table."""
     info = adata.uns.get(UNS_KEY, {}).get("sections", {})

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from stemst.metrics import interval_coverage
+
 #: central interval levels the calibration aims at (and :func:`stemst.tl.evaluate` reports)
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 #: candidate scales of the sample spread
@@ -55,3 +57,29 @@ def spread_scales(
         cov = hit.mean(1) if y.shape[0] >= min_spots else np.broadcast_to(hit.mean((1, 2))[:, None], hit.shape[::2])
         err[i] = np.abs(cov - q[:, None]).mean(0)
     return scales[np.argmin(err, axis=0)]
+
+
+def widen(samples: np.ndarray, scales: np.ndarray | float) -> np.ndarray:
+    """Spread ``(n_samples, n_spots, genes)`` samples ``scales`` (per gene) times wider around their mean.
+
+    Examples
+    --------
+    >>> widen(np.array([[[1.0]], [[3.0]]]), 2.0).ravel().tolist()
+    [0.0, 4.0]
+    """
+    center = samples.mean(0)
+    return center + scales * (samples - center)
+
+
+def coverage(samples: np.ndarray, y: np.ndarray, level: float) -> float:
+    """Share of ``y`` ``(n_spots, genes)`` inside the central ``level`` interval of the samples, over all values.
+
+    ``samples`` are ``(n_samples, n_spots, genes)``, as :func:`spread_scales` takes them
+    (:func:`stemst.metrics.interval_coverage` takes the spots first).
+
+    Examples
+    --------
+    >>> coverage(np.arange(5.0).reshape(5, 1, 1), np.array([[2.0]]), 0.5)
+    1.0
+    """
+    return float(interval_coverage(samples.transpose(1, 0, 2), y, level).mean())

@@ -122,9 +122,10 @@ class DiffusionConfig(_Config):
         standardised condition (fitted in closed form, see :mod:`stemst.model.head`) and the diffusion models the
         residual around it; ``None``: the diffusion models the expression itself (the paper's).
     head_hidden
-        With a number (and ``head_pcs``; without it ``head_hidden`` is dropped), the mean head is the average of the linear head and a one-hidden-layer
-        ReLU network of this width on the standardised condition (fitted outside the module, e.g. by
-        :func:`stemst.tl.fit`, and stored as buffers, never trained by the diffusion's optimiser).
+        With a number (and ``head_pcs``; without it ``head_hidden`` is dropped), the mean head is the average of
+        the linear head and a one-hidden-layer ReLU network of this width on the standardised condition (fitted
+        outside the module, e.g. by :func:`stemst.tl.fit`, and stored as buffers, never trained by the diffusion's
+        optimiser).
     cond_pcs
         With a number, the network sees the top ``cond_pcs`` principal components of the condition, whitened, in
         place of the whole standardised condition: a low-dimensional condition a few hundred spots cannot memorise.

@@ -18,9 +18,9 @@ import torch
 
 from stemst._errors import StemstDataError
 from stemst._logging import logger
-from stemst.metrics import interval_coverage, mean_pearson
+from stemst.metrics import mean_pearson
 from stemst.model import distributed
-from stemst.model.calibration import LEVELS, spread_scales
+from stemst.model.calibration import LEVELS, coverage, spread_scales, widen
 from stemst.model.config import DiffusionConfig, NetworkConfig
 from stemst.model.head import cross_fitted_residuals, fit_head
 from stemst.model.joint import JointDiffusionModel, gather, pack
@@ -209,11 +209,6 @@ def _shared_samples(module: DiffusionModel, cond: torch.Tensor, *, n_samples: in
     return distributed.all_sum(out).cpu().numpy()
 
 
-def _coverage(samples: np.ndarray, y: np.ndarray, level: float) -> float:
-    """Share of ``y`` inside the central ``level`` interval of ``(n_samples, n, genes)`` samples."""
-    return float(interval_coverage(samples.transpose(1, 0, 2), y, level).mean())
-
-
 @torch.no_grad()
 def calibrate(
     module: DiffusionModel,
@@ -226,13 +221,14 @@ def calibrate(
     seed: int = 0,
     space: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Choose the residual-mean weight and the per-gene spread on held-out spots; set them on ``module``.
+    """Choose the residual-mean weight, the offset weight and the per-gene spread on held-out spots; set them.
 
     ``residuals`` are the held-out spots' cross-fitted residuals and ``Y`` their targets, so ``Y - residuals`` is
     what a head fitted without them predicts. The weight maximises the held-out mean Pearson r of that prediction
-    plus the weighted network mean; the offset weight (on ``module.y_mean``, the training sections' mean cross-fitted
-    residual, which Pearson r cannot see) minimises that prediction's held-out squared error; the spread makes the central intervals of the samples hold their nominal share
-    of the held-out values (:func:`stemst.model.calibration.spread_scales`).
+    plus the weighted network mean; the offset weight (on ``module.y_mean``, the training sections' mean
+    cross-fitted residual, which Pearson r cannot see) minimises that prediction's held-out squared error; the
+    spread makes the central intervals of the samples hold their nominal share of the held-out values
+    (:func:`stemst.model.calibration.spread_scales`).
     """
     module.eval()
     n_held = len(Y)
@@ -266,12 +262,10 @@ def calibrate(
             cond, n_samples=n_samples, steps=steps, generator=gen, neighbours=space[0], offsets=space[1]
         )
         samples = (drawn - module.head(cond)).cpu().numpy()
-    before = {f"coverage_{round(q * 100)}": _coverage(samples, residuals, q) for q in LEVELS}
+    before = {f"coverage_{round(q * 100)}": coverage(samples, residuals, q) for q in LEVELS}
     scales = spread_scales(samples, residuals)
     module.set_calibration(weight, torch.as_tensor(scales, dtype=torch.float32))
-    center = samples.mean(0)
-    wide = center + scales * (samples - center)
-    after = {f"coverage_{round(q * 100)}": _coverage(wide, residuals, q) for q in LEVELS}
+    after = {f"coverage_{round(q * 100)}": coverage(widen(samples, scales), residuals, q) for q in LEVELS}
     about = {
         "residual_weight": weight,
         "weights_tried": list(RESIDUAL_WEIGHTS),

@@ -353,7 +353,7 @@ class Checkpoint:
     def restore(
         self, run: dict[str, Any], parts: dict[str, Any], gen: torch.Generator
     ) -> tuple[int, list[dict[str, float]]]:
-        """Load the state into ``parts`` and ``gen`` when resuming from an existing file; return the step and history."""
+        """Load the state into ``parts`` and ``gen`` when resuming from an existing file; return step and history."""
         if not (self.resume and self.path.exists()):
             if distributed.is_main():
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Plotting: sections, measured vs predicted maps, variation curves, correlations, uncertainty, shift (OOD) maps, training curves."""
+"""Plotting: sections, expression, uncertainty and OOD maps, variation curves, correlations, training curves."""
 
 from ._curves import gene_correlation, training_curve, variation_curves
 from ._maps import expression_maps, uncertainty_map

@@ -11,7 +11,6 @@ import numpy as np
 from stemst._docs import doc_embedding_key, doc_params, doc_table_key
 from stemst._logging import logger
 from stemst._schema import (
-    SECTION_KEY,
     SPATIAL_KEY,
     TABLE_KEY,
     UNS_KEY,
@@ -19,6 +18,7 @@ from stemst._schema import (
     context_key,
     get_table,
     ring_key,
+    spot_sections,
 )
 from stemst._spatial import ring_graphs, spot_spacing
 
@@ -92,7 +92,7 @@ def spatial_context(
     if not np.isfinite(own).all():
         raise StemstDataError(f"obsm[{embedding_key!r}] has non-finite values; re-embed those spots first.")
     coords = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
-    secs = table.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in table.obs else np.full(table.n_obs, "")
+    secs = spot_sections(table)
     rings = np.zeros((n_rings, *own.shape), np.float32)
     context = np.zeros((own.shape[0], (1 + n_rings) * own.shape[1]), np.float32)
     spacings = {}

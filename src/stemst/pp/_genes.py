@@ -216,7 +216,7 @@ def _hmhvg_panel(
 
 
 def _hvg_panel(
-    adata: ad.AnnData, train: list[str], mask: np.ndarray, names: pd.Index, usable: np.ndarray, *, n_genes: int
+    adata: ad.AnnData, train: list[str], mask: np.ndarray, var_names: pd.Index, usable: np.ndarray, *, n_genes: int
 ) -> list[str]:
     """Return the top ``n_genes`` highly variable genes of the pooled training spots (sections as batches)."""
     import scanpy as sc
@@ -224,7 +224,7 @@ def _hvg_panel(
     sub = ad.AnnData(
         X=adata.X[mask][:, usable].astype(np.float32),
         obs=pd.DataFrame({SECTION_KEY: adata.obs[SECTION_KEY].to_numpy()[mask].astype(str)}),
-        var=pd.DataFrame(index=names),
+        var=pd.DataFrame(index=var_names[usable]),
     )
     sc.pp.filter_genes(sub, min_cells=1)
     _warn_capped(n_genes, sub.n_vars, "genes expressed in the training sections (minus the excluded prefixes)", "")
@@ -336,7 +336,7 @@ def select_genes(
         panel, about = _hmhvg_panel(adata, train, mask, var_names, usable, n_genes=n_genes, n_top_hvg=n_top_hvg)
         params.update(about)
     elif method == "hvg":
-        panel = _hvg_panel(adata, train, mask, var_names[usable], usable, n_genes=n_genes)
+        panel = _hvg_panel(adata, train, mask, var_names, usable, n_genes=n_genes)
         params.update(method="hvg", flavor="seurat")
     else:
         raise ValueError(f"Unknown method {method!r}; choose 'hmhvg' or 'hvg'.")

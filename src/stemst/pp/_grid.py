@@ -10,8 +10,6 @@ from stemst._schema import TABLE_KEY, get_image, get_table, section_info
 from stemst._spatial import check_spacing
 from stemst.io._image import tissue_mask
 
-__all__ = ["check_spacing", "grid_spots", "tissue_mask"]
-
 
 def grid_spots(
     sdata: Any,

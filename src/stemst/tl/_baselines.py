@@ -115,7 +115,7 @@ class RidgeBaseline(_Baseline):
 
 
 def _cv_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Score a cross-validation fold (scikit-learn's argument order): :func:`stemst.metrics.mean_pearson`, -1 if undefined."""
+    """Score a CV fold in scikit-learn's argument order: :func:`stemst.metrics.mean_pearson`, -1 if undefined."""
     return mean_pearson(y_pred, y_true, undefined=-1.0)
 
 

@@ -24,6 +24,7 @@ from stemst._schema import (
     check_raw_counts,
     get_table,
     section_mask,
+    spot_sections,
 )
 from stemst.model.head import spatial_blocks
 
@@ -198,7 +199,7 @@ def training_set(
         vs.append(v)
         names.append(t.obs_names.to_numpy())
         xy.append(np.asarray(t.obsm[SPATIAL_KEY], np.float64)[:, :2] if SPATIAL_KEY in t.obsm else None)
-        secs.append(t.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in t.obs else np.full(t.n_obs, ""))
+        secs.append(spot_sections(t))
     if not xs or sum(len(x) for x in xs) == 0:
         if n_dropped:
             raise StemstDataError(

@@ -31,6 +31,7 @@ from stemst._schema import (
     check_table_key_free,
     get_table,
     section_mask,
+    spot_sections,
 )
 from stemst._utils import RNGLike
 from stemst.metrics import COVERAGE_LEVELS, PCC_KS, crps_per_gene, gene_metrics, neighbour_pairs, summary_metrics
@@ -116,8 +117,7 @@ def spot_pairs(pred: ad.AnnData) -> np.ndarray | None:
     """Ring-1 neighbouring spot pairs of a prediction table (``None`` without spot centres)."""
     if SPATIAL_KEY not in pred.obsm:
         return None
-    sections = pred.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in pred.obs else None
-    return neighbour_pairs(np.asarray(pred.obsm[SPATIAL_KEY])[:, :2], sections)
+    return neighbour_pairs(np.asarray(pred.obsm[SPATIAL_KEY])[:, :2], spot_sections(pred))
 
 
 @doc_params(

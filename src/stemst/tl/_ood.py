@@ -9,9 +9,10 @@ counts to a given depth (:func:`depth_factors`, :func:`rescale`).
 The out-of-distribution (OOD) score is computed on the spot's own embedding *before* the per-section
 standardisation of the spatial-context features (:func:`stemst.pp.spatial_context` removes each section's mean and
 scale, and with them exactly the shift to detect): the squared distance of the standardised embedding from the
-subspace of the training spots' top :data:`OOD_PCS` principal components (at most half the features), per feature, divided by its
-:data:`OOD_QUANTILE` quantile on the training section :func:`stemst.tl.fit` holds out. So about 5% of the spots of
-an unseen section of the training patient score above 1, and a spot above 1 is out of distribution.
+subspace of the training spots' top :data:`OOD_PCS` principal components (at most half the features), per
+feature, divided by its :data:`OOD_QUANTILE` quantile on the training section :func:`stemst.tl.fit` holds out. So
+about 5% of the spots of an unseen section of the training patient score above 1, and a spot above 1 is out of
+distribution.
 Measured on HER2ST (EfficientNet-Lite0 features, each leave-one-section-out split of C2-C6): the test sections of
 patient C 2-13% above 1, section A1 of patient A 68% (``docs/new_patient.md``).
 """
@@ -28,7 +29,7 @@ import pandas as pd
 
 from stemst._errors import warn
 from stemst._logging import logger
-from stemst._schema import SECTION_KEY, StemstDataError, section_mask
+from stemst._schema import StemstDataError, section_mask, spot_sections
 from stemst.tl._data import as_tables, library_size, training_set
 
 #: principal components of the training embeddings that span the reference subspace
@@ -198,7 +199,7 @@ def diagnose(model: Any, src: ad.AnnData) -> tuple[np.ndarray, dict[str, dict[st
         logger.info("No out-of-distribution score: the table lacks obsm[%r].", ref.embedding_key)
         return None
     scores = ref.score(np.asarray(src.obsm[ref.embedding_key], np.float64)).astype(np.float32)
-    sections = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else np.full(src.n_obs, "")
+    sections = spot_sections(src)
     summary = {}
     for s in pd.unique(sections):
         mine = scores[sections == s]
@@ -240,7 +241,7 @@ def depth_factors(model: Any, src: ad.AnnData, depth: Any) -> np.ndarray | None:
         totals = library_size(src) if src.X is not None else np.zeros(src.n_obs)
         if not (totals > 0).any():
             raise StemstDataError("depth='measured' needs the spots' counts, but the table has none (all zero).")
-        sections = src.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in src.obs else np.zeros(src.n_obs)
+        sections = spot_sections(src)
         values = pd.Series(totals).groupby(sections).transform("median").to_numpy()
     else:
         values = np.broadcast_to(np.asarray(depth, np.float64), (src.n_obs,)) if np.ndim(depth) == 0 else depth

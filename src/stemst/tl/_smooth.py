@@ -10,11 +10,11 @@ from stemst._docs import doc_overwrite, doc_params, doc_pred_key
 from stemst._logging import logger
 from stemst._schema import (
     PREDICTION_KEY,
-    SECTION_KEY,
     SPATIAL_KEY,
     StemstDataError,
     check_table_key_free,
     get_table,
+    spot_sections,
 )
 
 
@@ -73,7 +73,7 @@ def smooth(
     out = pred.copy()
     X = np.asarray(out.X, dtype=np.float64)
     counts = np.asarray(out.layers["counts"], dtype=np.float64) if "counts" in out.layers else None
-    secs = out.obs[SECTION_KEY].astype(str).to_numpy() if SECTION_KEY in out.obs else np.full(out.n_obs, "")
+    secs = spot_sections(out)
     coords = np.asarray(out.obsm[SPATIAL_KEY], dtype=np.float64)
     for s in dict.fromkeys(secs):
         idx = np.flatnonzero(secs == s)

@@ -191,7 +191,10 @@ for _enc in BUILTIN:
 
 
 def _from_checkpoint_file(path: Path) -> Encoder:
-    """Make a spec from a checkpoint file: TorchScript, or a dict with ``"arch"`` (timm) and ``"state_dict"`` (+ optional settings)."""
+    """Make a spec from a checkpoint file: TorchScript, or a dict with ``"arch"`` (timm) and ``"state_dict"``.
+
+    The dict may add ``input_size``, ``mean``, ``std``, ``native_mpp`` and ``timm_kwargs``.
+    """
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError):
