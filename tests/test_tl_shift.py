@@ -172,3 +172,19 @@ def test_ood_score_of_low_dimensional_features_is_calibrated_not_degenerate():
     ref = OODReference.fit(X[:1000], X[1000:2000], embedding_key="X", calibrated_on="test")
     assert ref.axes.shape == (8, 4)
     assert 0.03 < np.mean(ref.score(X[2000:]) > 1) < 0.08
+
+
+def test_adaptation_curve_samples_with_the_same_settings_when_adapting_and_predicting(sdata, model, monkeypatch):
+    import stemst.tl._adapt as adapt_module
+
+    seen = []
+    real = model.sample
+
+    def sample(*args, **kwargs):
+        seen.append(kwargs.get("steps"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(type(model), "sample", lambda self, *a, **k: sample(*a, **k))
+    curve = adapt_module.adaptation_curve(model, sdata, section="C6", n_measured=(5,), n_samples=2, steps=3)
+    assert curve["n_measured"].tolist() == [5]
+    assert len(seen) >= 2 and set(seen) == {3}  # adapt's samples and predict's samples

@@ -12,9 +12,8 @@ import pandas as pd
 from stemst._docs import doc_params, doc_progress, doc_table_key
 from stemst._logging import logger
 from stemst._schema import TABLE_KEY, StemstDataError, get_table, section_mask
-from stemst._utils import RNGLike
-from stemst.metrics import interval_coverage
-from stemst.model.calibration import spread_scales
+from stemst._utils import RNGLike, as_generator
+from stemst.model.calibration import coverage, spread_scales, widen
 from stemst.tl._data import get_counts, get_embeddings, get_targets
 
 #: measured spots from which the spread is scaled gene by gene (one scale for all genes below)
@@ -76,7 +75,7 @@ def _pick_spots(table: Any, section: str, spots: int | Sequence[str] | np.ndarra
         candidates = np.flatnonzero(in_section)
         if not 2 <= spots <= len(candidates):
             raise ValueError(f"spots={spots} must be between 2 and the section's {len(candidates)} spots.")
-        chosen = np.random.default_rng(rng).choice(candidates, int(spots), replace=False)
+        chosen = as_generator(rng).choice(candidates, int(spots), replace=False)
         mask = np.zeros(table.n_obs, bool)
         mask[chosen] = True
         return mask
@@ -172,11 +171,8 @@ def adapt(
     shifted = samples + loo
     per_gene = len(y) >= PER_GENE_SPREAD_SPOTS
     scales = spread_scales(shifted, y, min_spots=PER_GENE_SPREAD_SPOTS if per_gene else len(y) + 1)
-    center = shifted.mean(0)
-    wide = center + scales * (shifted - center)
-    coverage = {
-        f"coverage_{round(q * 100)}": float(interval_coverage(np.swapaxes(wide, 0, 1), y, q).mean()) for q in (0.5, 0.9)
-    }
+    wide = widen(shifted, scales)
+    loo_coverage = {f"coverage_{round(q * 100)}": coverage(wide, y, q) for q in (0.5, 0.9)}
     adapted = copy.copy(base)
     adapted.adaptation = {
         "section": str(section),
@@ -187,7 +183,7 @@ def adapt(
         "common_offset": float(np.mean(offset)),
         "spread_scale": scales.astype(float).tolist(),
         "spread_per_gene": per_gene,
-        "coverage_loo": coverage,
+        "coverage_loo": loo_coverage,
     }
     logger.info(
         "Adapted to section %r on %d measured spots: common offset %.2f, spread x%.2f (median), leave-one-out %s",
@@ -195,7 +191,7 @@ def adapt(
         len(y),
         adapted.adaptation["common_offset"],
         float(np.median(scales)),
-        coverage,
+        loo_coverage,
     )
     return adapted
 
@@ -252,7 +248,7 @@ def adaptation_curve(
     rng
         Seed of the spots drawn and of the samples.
     **sample_kwargs
-        Passed to the model's ``sample``.
+        Passed to the model's ``sample``, when adapting and when predicting.
 
     Returns
     -------
@@ -274,7 +270,7 @@ def adaptation_curve(
     table = get_table(data, table_key)
     rows = []
     for k in n_measured:
-        adapted = model if k == 0 else adapt(model, table, section=section, spots=int(k), rng=rng)
+        adapted = model if k == 0 else adapt(model, table, section=section, spots=int(k), rng=rng, **sample_kwargs)
         pred = predict(adapted, table, sections=section, n_samples=n_samples, rng=rng, progress=False, **sample_kwargs)
         tables = SimpleNamespace(tables={"counts": table, "prediction": pred})  # leaves ``data`` as it was
         summary = evaluate(tables, pred_key="prediction", table_key="counts", key_added=None, normalized=False).summary
