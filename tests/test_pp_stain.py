@@ -12,7 +12,7 @@ from stemst.pp._stain import Stains, fit_stains, hed_rescale, normalise_stains
 MEAN_RGB = Encoder("mean_rgb", build=lambda: lambda x: x.mean((-2, -1)), input_size=32, mean=(0, 0, 0), std=(1, 1, 1))
 KEY = "X_mean_rgb"
 #: the crop cuts through the tissue: a few of its spots sit near its edge (a warning about the scale factor)
-pytestmark = pytest.mark.filterwarnings(r"ignore:Section 'C2' \(\)")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Section '(C2|X)' \(\)")
 #: a stain change: haematoxylin x1.25, eosin x0.75 (as benchmarks/stain.py shifts C5)
 SHIFT = (1.25, 0.75, 1.0)
 
@@ -122,6 +122,19 @@ def test_stain_options_refuse_bad_input_before_any_work(c2):
     blank = _sdata(c2, glass)
     with pytest.raises(StemstDataError, match="only 0 tissue pixels"):
         embed_patches(blank, encoder=MEAN_RGB, progress=False, cache=False, stain_norm=True)
+
+
+def test_views_of_another_number_are_refused_for_part_of_a_table(c2):
+    """Jittered training sections and a plain new section in one table: the new views would wipe the others'."""
+    other = {**c2, "spot_ids": [f"x{i}" for i in range(len(c2["spot_ids"]))]}
+    sdata = assemble([make_section(name, **d) for name, d in (("C2", c2), ("X", other))])
+    embed_patches(sdata, encoder=MEAN_RGB, progress=False, cache=False, augment=False, stain_jitter=1)
+    views = sdata.tables["table"].obsm[f"{KEY}_views"].copy()
+    with pytest.raises(StemstDataError, match="holds 2 views per spot and this call would make 8"):
+        embed_patches(sdata, encoder=MEAN_RGB, progress=False, cache=False, sections="X")
+    np.testing.assert_array_equal(sdata.tables["table"].obsm[f"{KEY}_views"], views)
+    embed_patches(sdata, encoder=MEAN_RGB, progress=False, cache=False, sections="X", augment=False, stain_jitter=1)
+    assert np.isfinite(sdata.tables["table"].obsm[f"{KEY}_views"]).all()
 
 
 def test_model_carries_the_reference_to_a_new_slide(c2):

@@ -590,6 +590,7 @@ def embed_patches(
     run.embedder = _Embedder(run.encoders, dev, batch_size)
     run.augment, run.jitter = augment, int(stain_jitter)
     run.n_views = (N_VIEWS if augment else 1) * (1 + run.jitter)
+    _check_views_fit(run)
     dense_net = _dense_net(run.embedder, dense)
     if dense_net is not None:
         tile_px, margin_px = check_tiles(tile_px, margin_px)
@@ -612,6 +613,19 @@ def embed_patches(
             todo = _cache_lookup(run, plans, verify_cache=verify_cache, bar=bar)
             _encode_patches(run, plans, todo, bar=bar)
     _store_run(run, plans, key_added=key_added, elapsed=time.perf_counter() - start, dense=dense_net)
+
+
+def _check_views_fit(run: _Run) -> None:
+    """Refuse to embed some sections with another number of views than the other sections' stored ones."""
+    vkey = f"{run.key}_views"
+    old = run.adata.obsm.get(vkey)
+    if old is None or run.n_views == 1 or np.shape(old)[1] == run.n_views or np.isin(run.section_of, run.chosen).all():
+        return
+    raise StemstDataError(
+        f"obsm[{vkey!r}] holds {np.shape(old)[1]} views per spot and this call would make {run.n_views} "
+        "(augment or stain_jitter differ), so the other sections' views would be lost. Embed these sections with "
+        "the same settings, under another key_added, or in a table of their own (a new slide's SpatialData)."
+    )
 
 
 def _stain_options(stain_norm: Any, stain_jitter: Any, *, dense: bool) -> Stains | None:
