@@ -552,10 +552,11 @@ def embed_patches(
     stain_jitter
         Also embed this many stain-jittered copies of each patch (HED jitter after Tellez et al. 2018: each patch's
         haematoxylin, eosin and DAB optical densities scaled by U(0.95, 1.05) and shifted by U(-0.05, 0.05), drawn
-        per patch from a seed fixed per section; each copy with the same flips/rotations as the original), appended as extra views after the plain ones: they enter
-        the own embedding of :func:`stemst.pp.spatial_context` (the mean over the views) and the training pairs of a
-        model fitted on these embeddings with ``recipe={"augment": True}``. For training sections; a new slide is
-        embedded without it. On the same validation it did not help either.
+        per patch from a seed fixed per section; each copy with the same flips/rotations as the original), appended
+        as extra views after the plain ones: they enter the own embedding of :func:`stemst.pp.spatial_context` (the
+        mean over the views) and the training pairs of a model fitted on these embeddings with
+        ``recipe={"augment": True}``. For training sections; a new slide is embedded without it (in a table of its
+        own: a table's sections share one number of views). On the same validation it did not help either.
 
     Returns
     -------

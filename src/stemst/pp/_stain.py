@@ -130,7 +130,7 @@ def hed_jitter(patches: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def hed_rescale(patches: np.ndarray, scale: Any, bias: Any = 0.0) -> np.ndarray:
-    """Map the HED channels of ``(n, 3, y, x)`` uint8 patches to ``hed * scale + bias``, broadcast over ``(n, y, x, 3)``.
+    """Map the HED channels of ``(n, 3, y, x)`` uint8 patches to ``hed * scale + bias`` (broadcast on ``(n, y, x, 3)``).
 
     Colour deconvolution of the optical density ``-ln((I + 1) / 256)`` with Ruifrok and Johnston's haematoxylin,
     eosin and DAB matrix (:data:`skimage.color.hed_from_rgb`), without clipping, so that ``scale=1, bias=0`` gives
