@@ -285,8 +285,8 @@ def test_bad_inputs(embedded, model):
         model.sample(np.zeros((2, 5), np.float32), progress=False)
 
 
-def test_predict_image_grid(her2st_small, model):
-    """A section with an image but no sequenced spots: C6 with its spots removed from the table."""
+def _unsequenced_c6(her2st_small, model):
+    """C6's image with C2's sequenced spots only: a section with an image but no sequenced spots."""
     import spatialdata as sd
 
     t = her2st_small.tables["table"]
@@ -294,11 +294,17 @@ def test_predict_image_grid(her2st_small, model):
     keep.uns["stemst"]["embeddings"] = {KEY: dict(model.encoder)}
     keep.obs["region"] = keep.obs["region"].cat.remove_unused_categories()
     keep.uns["spatialdata_attrs"] = {**keep.uns["spatialdata_attrs"], "region": ["C2_spots"]}
-    sdata = sd.SpatialData(
+    return sd.SpatialData(
         images={"C6_he": her2st_small.images["C6_he"]},
         shapes={"C2_spots": her2st_small.shapes["C2_spots"]},
         tables={"table": keep},
     )
+
+
+def test_predict_image_grid(her2st_small, model):
+    """A section with an image but no sequenced spots: C6 with its spots removed from the table."""
+    t = her2st_small.tables["table"]
+    sdata = _unsequenced_c6(her2st_small, model)
     key = stemst.tl.predict_image(model, sdata, "C6", spacing_um=400, n_samples=2, steps=10, progress=False)
     grid = sdata.shapes["C6_grid"]
     pred = sdata.tables[key]
@@ -315,6 +321,18 @@ def test_predict_image_grid(her2st_small, model):
     blind.encoder = {}
     with pytest.raises(StemstDataError, match="encoder"):
         stemst.tl.predict_image(blind, sdata, "C6")
+
+
+def test_predict_image_rescales_counts_to_the_given_depth(her2st_small, model):
+    sdata = _unsequenced_c6(her2st_small, model)
+    ref = model.training["depth"]["median_total_counts"]
+    kw = {"spacing_um": 400, "n_samples": 2, "steps": 10, "rng": 0, "progress": False, "overwrite": True}
+    base = sdata.tables[stemst.tl.predict_image(model, sdata, "C6", key_added="base", **kw)]
+    double = sdata.tables[stemst.tl.predict_image(model, sdata, "C6", key_added="double", depth=2 * ref, **kw)]
+    assert base.uns["stemst_prediction"]["depth"] == ref and double.uns["stemst_prediction"]["depth"] == 2 * ref
+    np.testing.assert_allclose(double.layers["counts"], 2 * base.layers["counts"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="depth must be one number"):
+        stemst.tl.predict_image(model, sdata, "C6", depth="measured", **kw)
 
 
 def test_data_frame_of_history_is_plottable(model):

@@ -8,8 +8,9 @@ import os
 import re
 import time
 import uuid
+import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from stemst.io._image import check_spots_on_tissue
 
 from ._dense import MARGIN_PX, TILE_PX, DenseGeometry, DenseStats, check_tiles, dense_model
 from ._encoders import Encoder, dihedral_views, fingerprint, normalise, resolve_encoders
+from ._stain import JITTER_BIAS, JITTER_SCALE, STAIN_SPOTS, Stains, fit_stains, hed_jitter, normalise_stains
 
 #: value of the pixels of a patch that fall outside the image: white, like the glass around the tissue
 PAD_VALUE = 255
@@ -69,6 +71,8 @@ N_VIEWS = 8
 CACHE_ENV = "STEMST_CACHE_DIR"
 #: bump when a change to the embedding pipeline makes earlier cache files invalid
 CACHE_VERSION = 1
+#: seed of the stain jitter (with the section's name: each section draws its own, reproducible jitter)
+JITTER_SEED = 20
 
 
 @dataclass(frozen=True)
@@ -411,7 +415,7 @@ def _write_cache(path: Path, key: str, pixels: str, feats: np.ndarray, clipped: 
 
 
 def _section_key(
-    plan: PatchPlan, image: Any, coords: np.ndarray, embedder: _Embedder, n_views: int, full_shape: Any
+    plan: PatchPlan, image: Any, coords: np.ndarray, embedder: _Embedder, n_views: int, full_shape: Any, stain: dict
 ) -> str:
     """Every setting that makes a section's embeddings, as canonical JSON (the cache file name is its digest)."""
     key = {
@@ -434,6 +438,8 @@ def _section_key(
         "n_spots": len(coords),
         "coords": _digest(np.ascontiguousarray(coords, dtype=np.float64).tobytes()),
     }
+    if stain:  # absent when off, so that the cache files made before these options stay valid
+        key["stain"] = stain
     return json.dumps(key, sort_keys=True)
 
 
@@ -454,6 +460,8 @@ def embed_patches(
     dense: bool = False,
     tile_px: int = TILE_PX,
     margin_px: int = MARGIN_PX,
+    stain_norm: bool | Mapping[str, Any] | Any = False,
+    stain_jitter: int = 0,
 ) -> None:
     """Embed a square H&E patch centred on every spot with an image encoder.
 
@@ -532,17 +540,37 @@ def embed_patches(
     tile_px, margin_px
         Dense path: side of a tile's core and of the margin read around it, in model pixels, multiples of 32.
         Margins under 256 px leave visible seams in the deepest stages.
+    stain_norm
+        Re-stain every patch to a reference before embedding it (Macenko et al. 2009): each section's haematoxylin
+        and eosin vectors are estimated once, from the patches of 64 of its spots, and each pixel is unmixed with
+        them and mixed again with the reference's. ``True``: the reference is estimated from the sections embedded
+        in this call, pooled (embed the training sections this way). A recorded reference, to embed a new slide
+        like the training slides: a trained model (the reference of its training embeddings), or the record
+        ``uns["stemst"]["embeddings"][key]["stain_norm"]`` of a table embedded with ``stain_norm=True``. On
+        HER2ST (train C2-C4, validation C5) it did not make predictions more robust to a stain change, so it is off
+        by default (``docs/new_patient.md``).
+    stain_jitter
+        Also embed this many stain-jittered copies of each patch (HED jitter after Tellez et al. 2018: each patch's
+        haematoxylin, eosin and DAB optical densities scaled by U(0.95, 1.05) and shifted by U(-0.05, 0.05), drawn
+        per patch from a seed fixed per section; each copy with the same flips/rotations as the original), appended
+        as extra views after the plain ones: they enter the own embedding of :func:`stemst.pp.spatial_context` (the
+        mean over the views) and the training pairs of a model fitted on these embeddings with
+        ``recipe={"augment": True}``. For training sections; a new slide is embedded without it (in a table of its
+        own: a table's sections share one number of views). On the same validation it did not help either.
 
     Returns
     -------
     Nothing; adds to the table:
 
     - ``obsm[key]``: ``(n_spots, D)`` float32 embedding of the original patch.
-    - ``obsm[key + "_views"]`` (with ``augment``): ``(n_spots, 8, D)`` float32, the 8 dihedral views.
+    - ``obsm[key + "_views"]`` (with ``augment`` or ``stain_jitter``): ``(n_spots, v, D)`` float32, the 8 dihedral
+      views of the patch (1 without ``augment``), then the same views of each stain-jittered copy.
     - ``obs["stemst_patch_clipped"]``: True where the patch ran off the image; the missing pixels are padded with
       white (255), like the glass around the tissue.
     - ``uns["stemst"]["embeddings"][key]``: the settings (encoder, patch size in µm and px, pyramid level, ...;
-      ``cache_hit`` per section: whether the embeddings were read from the cache).
+      ``cache_hit`` per section: whether the embeddings were read from the cache); with ``stain_norm``, its
+      ``"stain_norm"`` entry holds the ``"reference"`` stains and each section's own (``"sections"``); with
+      ``stain_jitter``, ``"stain_jitter"`` holds the number of copies and the jitter's range.
 
     Examples
     --------
@@ -553,6 +581,7 @@ def embed_patches(
     (187, 30)
     """
     run = _start_run(sdata, table_key=table_key, encoder=encoder, sections=sections, key_added=key_added, cache=cache)
+    reference = _stain_options(stain_norm, stain_jitter, dense=dense)
     plans = {
         s: plan_section(sdata, run.adata, s, encoders=run.encoders, patch_size_um=patch_size_um) for s in run.chosen
     }
@@ -561,7 +590,9 @@ def embed_patches(
     dev = resolve_device(device)
     batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
     run.embedder = _Embedder(run.encoders, dev, batch_size)
-    run.n_views = N_VIEWS if augment else 1
+    run.augment, run.jitter = augment, int(stain_jitter)
+    run.n_views = (N_VIEWS if augment else 1) * (1 + run.jitter)
+    _check_views_fit(run)
     dense_net = _dense_net(run.embedder, dense)
     if dense_net is not None:
         tile_px, margin_px = check_tiles(tile_px, margin_px)
@@ -574,6 +605,8 @@ def embed_patches(
                         spots_per_read)
         for s in run.chosen
     }  # fmt: skip
+    if stain_norm is not False:
+        _fit_run_stains(run, plans, reference)
     with _progress_bar(n_total, run.name, progress) as bar:
         if dense_net is not None:
             for s in run.chosen:
@@ -581,7 +614,69 @@ def embed_patches(
         else:
             todo = _cache_lookup(run, plans, verify_cache=verify_cache, bar=bar)
             _encode_patches(run, plans, todo, bar=bar)
-    _store_run(run, plans, augment=augment, key_added=key_added, elapsed=time.perf_counter() - start, dense=dense_net)
+    _store_run(run, plans, key_added=key_added, elapsed=time.perf_counter() - start, dense=dense_net)
+
+
+def _check_views_fit(run: _Run) -> None:
+    """Refuse to embed some sections with another number of views than the other sections' stored ones."""
+    vkey = f"{run.key}_views"
+    old = run.adata.obsm.get(vkey)
+    if old is None or run.n_views == 1 or np.shape(old)[1] == run.n_views or np.isin(run.section_of, run.chosen).all():
+        return
+    raise StemstDataError(
+        f"obsm[{vkey!r}] holds {np.shape(old)[1]} views per spot and this call would make {run.n_views} "
+        "(augment or stain_jitter differ), so the other sections' views would be lost. Embed these sections with "
+        "the same settings, under another key_added, or in a table of their own (a new slide's SpatialData)."
+    )
+
+
+def _stain_options(stain_norm: Any, stain_jitter: Any, *, dense: bool) -> Stains | None:
+    """Check the stain options; return the given reference (None for ``stain_norm=True`` or off)."""
+    if isinstance(stain_jitter, bool) or not isinstance(stain_jitter, int | np.integer) or stain_jitter < 0:
+        raise ValueError(f"stain_jitter must be a whole number of jittered copies >= 0, got {stain_jitter!r}.")
+    if dense and (stain_norm is not False or stain_jitter):
+        raise ValueError("stain_norm and stain_jitter act on each patch's pixels; use them with dense=False.")
+    if stain_norm is True or stain_norm is False:
+        return None
+    if isinstance(stain_norm, Mapping):
+        record = stain_norm.get("reference", stain_norm)
+    elif isinstance(getattr(stain_norm, "encoder", None), Mapping):  # a trained model
+        record = stain_norm.encoder.get("stain_norm")
+        if not record:
+            raise StemstDataError(
+                "stain_norm: the model was trained on embeddings made without stain normalisation, so it has no "
+                "reference; embed with stain_norm=False, as its training sections were."
+            )
+        record = record["reference"]
+    else:
+        raise TypeError(
+            "stain_norm must be True/False, a trained model or a recorded reference "
+            f"(uns['stemst']['embeddings'][key]['stain_norm']), got {type(stain_norm).__name__}."
+        )
+    return Stains.from_dict(record)
+
+
+def _fit_run_stains(run: _Run, plans: dict, reference: Stains | None) -> None:
+    """Estimate each section's stains from the patches of up to STAIN_SPOTS spots; the reference if not given."""
+    pixels = {}
+    for s in run.chosen:
+        plan, image = plans[s]
+        corners = run.jobs[s].corners
+        pick = np.unique(np.linspace(0, len(corners) - 1, min(STAIN_SPOTS, len(corners))).astype(int))
+        patches, _ = read_patches(image, corners[pick], plan.patch_px)
+        pixels[s] = np.moveaxis(patches, 1, -1).reshape(-1, 3)
+        run.stains[s] = fit_stains(pixels[s], what=f"stain_norm: section {s!r}")
+    run.reference = reference or fit_stains(np.concatenate(list(pixels.values())), what="stain_norm: the reference")
+
+
+def _embed_batch(run: _Run, s: str, patches: np.ndarray) -> np.ndarray:
+    """Embed one batch of a section's patches: re-stained if asked, then the plain views and the jittered ones."""
+    if run.reference is not None:
+        patches = normalise_stains(patches, run.stains[s], run.reference)
+    views = [run.embedder(patches, augment=run.augment)]
+    for _ in range(run.jitter):
+        views.append(run.embedder(hed_jitter(patches, run.jitter_rng(s)), augment=run.augment))
+    return np.concatenate(views, axis=1)
 
 
 @dataclass
@@ -598,10 +693,30 @@ class _Run:
     chosen: list[str]
     embedder: Any = None
     n_views: int = 1
+    augment: bool = False
+    jitter: int = 0
+    stains: dict[str, Stains] = field(default_factory=dict)  # each section's own, with stain_norm
+    reference: Stains | None = None
+    rngs: dict[str, np.random.Generator] = field(default_factory=dict)
     jobs: dict[str, _SectionJob] = field(default_factory=dict)
     feats: np.ndarray | None = None
     clipped: np.ndarray | None = None
     cache_hit: dict[str, bool] = field(default_factory=dict)
+
+    def jitter_rng(self, section: str) -> np.random.Generator:
+        """Return the section's own random stream for the stain jitter (seeded by the section's name)."""
+        if section not in self.rngs:
+            self.rngs[section] = np.random.default_rng([JITTER_SEED, zlib.crc32(section.encode())])
+        return self.rngs[section]
+
+    def stain_key(self, section: str) -> dict:
+        """Return the stain settings of a section's embeddings (part of its cache key; empty when both are off)."""
+        out: dict[str, Any] = {}
+        if self.reference is not None:
+            out["norm"] = {"reference": self.reference.to_dict(), "source": self.stains[section].to_dict()}
+        if self.jitter:
+            out["jitter"] = {"copies": self.jitter, "scale": JITTER_SCALE, "bias": JITTER_BIAS, "seed": JITTER_SEED}
+        return out
 
     def put(self, rows: np.ndarray, values: np.ndarray, clip: np.ndarray) -> None:
         """Store features ``(len(rows), views, D)`` and the clipped flags of table rows ``rows``."""
@@ -667,7 +782,9 @@ def _cache_lookup(run: _Run, plans: dict, *, verify_cache: bool, bar: Any) -> li
         job = run.jobs[s]
         if run.folder is not None:
             plan, image = plans[s]
-            job.key = _section_key(plan, image, run.coords[job.rows_table], run.embedder, run.n_views, job.full_shape)
+            job.key = _section_key(
+                plan, image, run.coords[job.rows_table], run.embedder, run.n_views, job.full_shape, run.stain_key(s)
+            )
             job.path = _cache_path(run.folder, s, job.key)
             found = _read_section_cache(run, plans, s, verify_cache) if job.path.is_file() else None
             if found is not None:
@@ -698,7 +815,7 @@ def _encode_patches(run: _Run, plans: dict, todo: list[str], *, bar: Any) -> Non
     for (s, sl), (patches, clip) in zip(tasks, _prefetched(readers), strict=True):
         job = run.jobs[s]
         job.pixels.update(patches)
-        run.put(job.rows[sl], run.embedder(patches, augment=run.n_views > 1), clip)
+        run.put(job.rows[sl], _embed_batch(run, s, patches), clip)
         bar.update(len(patches))
         if sl.stop == len(job.rows):  # the section is complete: check it, then cache it
             _section_done(run, s)
@@ -742,12 +859,12 @@ def _encode_dense(run: _Run, s: str, plan_image: tuple, net: Any, *, tile_px: in
     _section_done(run, s)
 
 
-def _store_run(run: _Run, plans: dict, *, augment: bool, key_added: str | None, elapsed: float, dense: Any) -> None:
+def _store_run(run: _Run, plans: dict, *, key_added: str | None, elapsed: float, dense: Any) -> None:
     """Write the embeddings, the clipped flags and the settings into the table."""
     adata, feats, clipped = run.adata, run.feats, run.clipped
     assert feats is not None
     done = np.isin(run.section_of, run.chosen)
-    _store(adata, run.key, feats, done, augment=augment)
+    _store(adata, run.key, feats, done, views=run.n_views > 1)
     old = adata.obs[CLIPPED_KEY].to_numpy(bool) if CLIPPED_KEY in adata.obs else np.zeros(adata.n_obs, bool)
     adata.obs[CLIPPED_KEY] = np.where(done, clipped, old)
     settings = _settings(run, plans, done, key_added=key_added)
@@ -758,6 +875,10 @@ def _store_run(run: _Run, plans: dict, *, augment: bool, key_added: str | None, 
     for entry in ("patch_size_um", "patch_px", "level", "level_mpp", "cache_hit"):  # keep other sections' settings
         if isinstance(prev.get(entry), dict):
             settings[entry] = {**prev[entry], **settings[entry]}
+    if run.reference is not None:
+        settings["stain_norm"] = _stain_record(run, prev.get("stain_norm"))
+    if run.jitter:
+        settings["stain_jitter"] = {"copies": run.jitter, "scale": JITTER_SCALE, "bias": JITTER_BIAS}
     emb[run.key] = settings
     n_total = int(done.sum())
     logger.info(
@@ -790,13 +911,26 @@ def _settings(run: _Run, plans: dict, done: np.ndarray, *, key_added: str | None
         "level_mpp": {s: float(p.level_mpp) for s, (p, _) in plans.items()},
         "views": int(run.n_views),
         "views_key": views_key(run.name) if key_added is None else f"{run.key}_views",
-        "view_order": "rot90 x k for k=0..3, then horizontal flip + rot90 x k",
+        "view_order": "rot90 x k for k=0..3, then horizontal flip + rot90 x k"
+        + (f"; the same for {run.jitter} stain-jittered copies after the plain patch" if run.jitter else ""),
         "pad_value": PAD_VALUE,
         "n_clipped": int(run.clipped[done].sum()),
         "device": str(run.embedder.device),
         "cache_hit": run.cache_hit,
         "cache_dir": None if run.folder is None else str(run.folder),
     }
+
+
+def _stain_record(run: _Run, prev: Any) -> dict:
+    """Return the reference and each section's stains, keeping sections embedded earlier to the same reference."""
+    sections = {s: run.stains[s].to_dict() for s in run.chosen}
+    reference = run.reference.to_dict()
+    same = isinstance(prev, Mapping) and all(
+        np.array_equal(np.asarray(prev.get("reference", {}).get(k)), v) for k, v in reference.items()
+    )
+    if same:
+        sections = {**dict(prev.get("sections", {})), **sections}
+    return {"method": "macenko", "reference": reference, "sections": sections}
 
 
 def _owned_keys(adata: Any) -> set[str]:
@@ -806,15 +940,15 @@ def _owned_keys(adata: Any) -> set[str]:
     return set(mine) | {str(v["views_key"]) for v in mine.values() if v.get("views_key")}
 
 
-def _store(adata: Any, key: str, feats: np.ndarray, done: np.ndarray, *, augment: bool) -> None:
+def _store(adata: Any, key: str, feats: np.ndarray, done: np.ndarray, *, views: bool) -> None:
     """Write the new rows into ``obsm[key]`` (and the views), keeping other rows of a compatible existing entry."""
     vkey = f"{key}_views"
-    targets = [(key, feats[:, 0])] + ([(vkey, feats)] if augment else [])
+    targets = [(key, feats[:, 0])] + ([(vkey, feats)] if views else [])
     for k, new in targets:
         old = adata.obsm.get(k)
         if old is not None and np.shape(old) == new.shape and not done.all():
             new = np.where(done.reshape((-1,) + (1,) * (new.ndim - 1)), new, np.asarray(old, np.float32))
         adata.obsm[k] = np.ascontiguousarray(new, dtype=np.float32)
-    if not augment and vkey in adata.obsm:
+    if not views and vkey in adata.obsm:
         logger.info("Removing obsm[%r]: it no longer matches obsm[%r] (re-embedded without augment).", vkey, key)
         del adata.obsm[vkey]

@@ -344,6 +344,7 @@ def predict_image(
     overwrite: bool = False,
     n_samples: int = 20,
     keep_samples: bool = False,
+    depth: float | None = None,
     dense: bool | str = False,
     tile_px: int = 2048,
     margin_px: int = 256,
@@ -406,6 +407,9 @@ def predict_image(
     keep_samples
         Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
         genes float32); the mean and std are always stored.
+    depth
+        The sequencing depth (total counts per spot) the counts should assume, as in :func:`predict`; ``None``: the
+        training median. An unsequenced slide has no measured depth: give the run's expected depth as a number.
     dense
         ``False`` (default): per patch; ``True``: from dense activation maps; ``"auto"``: dense when that reads
         fewer pixels than the patches would (grid spacing well below the patch size), else per patch. Encoders
@@ -441,6 +445,8 @@ def predict_image(
     """
     from stemst.pp import grid_spots
 
+    if depth is not None and (isinstance(depth, str) or np.ndim(depth) != 0):
+        raise ValueError(f"predict_image: depth must be one number (total counts per spot) or None, got {depth!r}.")
     job = _image_job(model, sdata, section, spacing_um, table_key, key_added, overwrite, n_samples, encoder)
     centres, _ = grid_spots(
         sdata, section, spacing_um=job.spacing_um, table_key=table_key, min_tissue=min_tissue, max_spots=max_spots
@@ -464,6 +470,7 @@ def predict_image(
         key_added=job.out_key,
         n_samples=n_samples,
         keep_samples=keep_samples,
+        depth=depth,
         max_memory_gb=max_memory_gb,
         rng=rng,
         progress=progress,
