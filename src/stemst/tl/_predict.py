@@ -695,7 +695,7 @@ def _embed_grid_dense(
     geom = DenseGeometry(plan.patch_px, int(encoders[0].input_size), tile_px, margin_px)
     views = N_VIEWS_DENSE if use_views else 1
     stats, corners = DenseStats(encoders[0], net, geom, device), _windows(coords, plan)
-    dense_px = len(stats.tiles(stats.windows(corners))) * (tile_px + 2 * margin_px) ** 2
+    dense_px = sum(t.h * t.w for t in stats.tiles(stats.windows(corners)))
     patch_px = len(coords) * geom.input_size**2
     if auto and dense_px >= patch_px:
         logger.info("predict_image: the patches read fewer pixels (%.0f M) than a dense pass would (%.0f M); "
