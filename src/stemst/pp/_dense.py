@@ -319,9 +319,9 @@ class DenseStats:
         vbox = view_boxes(boxes, view, h, w)
         p, parts = self.geom.input_size, []
         for fmap in maps:
-            fmap = fmap[0].float().cpu()
             stride = xv.shape[-2] / fmap.shape[-2]
-            sums = _window_sums(_integral(fmap), fmap.shape[-2:], torch.from_numpy(vbox / stride)).numpy()
+            fmap, cells = _crop_to_boxes(fmap[0], vbox / stride)
+            sums = _window_sums(_integral(fmap.float().cpu()), fmap.shape[-2:], torch.from_numpy(cells)).numpy()
             parts += _mean_std(sums, (p / stride) ** 2)
         return np.concatenate(parts, axis=1).astype(np.float32)
 
@@ -350,6 +350,16 @@ class DenseStats:
                 if progress is not None:
                     progress.update(1)
         return out
+
+
+def _crop_to_boxes(fmap: torch.Tensor, cells: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Crop a ``(c, h, w)`` map to the cells its boxes (in cells) touch, and move the boxes with it.
+
+    The margin around the patches feeds the network, never a window: its summed-area table is not built.
+    """
+    lo = np.clip(np.floor(cells[:, :2].min(0)).astype(np.int64), 0, None)
+    hi = np.minimum(np.ceil(cells[:, 2:].max(0)).astype(np.int64), fmap.shape[-2:])
+    return fmap[:, lo[0] : hi[0], lo[1] : hi[1]], cells - np.tile(lo, 2)
 
 
 def _mean_std(sums: np.ndarray, n: float) -> list[np.ndarray]:

@@ -402,18 +402,24 @@ def predict_image(
         Replace the grid, its table and the prediction table if they exist; by default existing ones are refused
         before anything is computed.
     n_samples
-        Samples per spot (ignored, i.e. 1, for deterministic baselines).
+        Samples per grid spot (ignored, i.e. 1, for deterministic baselines). ``None`` (default): 20, fewer on a
+        grid so large that spots x samples would exceed 500,000 (about 8 minutes of sampling on a 2-core CPU, ~1 ms
+        per spot and sample), never fewer than 4; the number is logged. The default model's mean (``X``) comes from
+        its mean head whatever the samples; only the std (and the samples, if kept) rest on them, noisier with fewer.
     keep_samples
         Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
         genes float32); the mean and std are always stored.
     dense
-        ``False`` (default): per patch; ``True``: from dense activation maps; ``"auto"``: dense when that reads
-        fewer pixels than the patches would (grid spacing well below the patch size), else per patch. Encoders
-        that cannot run densely embed per patch.
+        ``False`` (default): per patch; ``True``: from dense activation maps; ``"auto"``: dense when its tiles read
+        fewer pixels than the patches would, a dense pixel counted 1.5x (grid spacing well below the patch size:
+        50 µm and finer with the default 112 µm patches), else per patch. Encoders that cannot run densely embed per
+        patch.
     tile_px, margin_px
-        Dense pass: side of a tile's core and the margin read around it, in model pixels (multiples of 32). Larger
-        tiles waste less margin but hold more activations in memory (about 2 GB for the default 2048 + 2 x 256); a
-        margin under 256 shows tile seams in the two deepest stages.
+        Dense pass: the grid spots are grouped by the ``tile_px`` square (model pixels, a multiple of 32) holding
+        their patch's corner; each group is one tile, its patches' bounding box plus ``margin_px`` on every side, so
+        every patch is computed whole in one tile. Larger tiles waste less margin but hold more activations in
+        memory (about 2 GB for the default 2048 + 2 x 256); a margin under 256 shows tile seams in the two deepest
+        stages.
     batch_size
         Patches per encoder forward pass on the per-patch path (default: 16 on CPU, 256 on CUDA).
     max_spots
