@@ -273,7 +273,7 @@ def predict(
     mask = section_mask(src, sections)
     if not mask.any():
         raise StemstDataError(f"No spots selected (sections={sections!r}).")
-    src = src[mask]
+    src = src if mask.all() else src[mask]  # a view of all rows would copy every obsm array it is asked for
     model.check_table(src)
     factors = depth_factors(model, src, depth)
     _check_resolution(model, src)
