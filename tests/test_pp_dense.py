@@ -260,3 +260,15 @@ def test_grid_rings_match_spatial_context_rings_at_the_training_spacing():
     ring1 = _lattice_rings(fine, 2, 10.0, 2.5)[0][centre].indices
     dist = np.sort(np.hypot(*(fine[ring1] - fine[centre]).T))
     np.testing.assert_allclose(dist, [10] * 4 + [10 * np.sqrt(2)] * 4)
+
+
+def test_predict_image_auto_embeds_a_coarse_grid_per_patch(crop, effnet_model, caplog):
+    """dense='auto' weighs the tiles' pixels against the patches': a grid coarser than the patches stays per patch."""
+    sdata, _ = crop
+    with caplog.at_level(logging.INFO, logger="stemst"):
+        stemst.tl.predict_image(
+            effnet_model, sdata, "CROP", spacing_um=150, n_samples=2, dense="auto", progress=False, overwrite=True
+        )
+    assert "embedding per patch" in caplog.text and "Dense pass" not in caplog.text
+    assert "embedded per patch" in caplog.text  # the estimate logged before any work names the path
+    assert "dense" not in sdata.tables["CROP_grid_table"].uns["stemst"]["embeddings"]["X_efficientnet_lite0"]

@@ -361,10 +361,10 @@ def predict_image(
     model's encoder and patch size, adds the spatial context if the model uses it and runs :func:`predict`.
 
     With ``dense=True`` and the default encoder the grid is embedded **densely**: the network runs once per view
-    over the tissue, in overlapping tiles read lazily from the image, and each grid spot's features (mean and std of
-    every stage over its patch) are window sums of the activation maps. One such pass over C6's tissue (8 views)
-    takes 26 s here, but the window sums do not yet keep up: on C6 at 50 µm (2,599 spots) the dense path took 741 s
-    against 274 s per patch, so per patch stays the default until they do (``docs/benchmarks_embed.md``). Dense
+    over the tissue, in tiles fitted to the grid spots' patches and read lazily from the image, and each grid spot's
+    features (mean and std of every stage over its patch) are window sums of the activation maps. On HER2ST C6 at
+    8 µm (84,164 grid spots, 8 views) embedding took 496 s on the shared, loaded 2-core CPU, where the encoder alone
+    over the tissue took 98 s; sampling 2 per spot took 441 s more (``docs/benchmarks_embed.md``). Dense
     features differ from per-patch ones where the patch edge's padding reaches into the network (mostly the two
     deepest stages). On validation section C5 (inside the training patient) a model trained on C2-C4's per-patch
     features scores mean r 0.575 on dense features against 0.580 on per-patch ones, 50 % / 90 % coverage
