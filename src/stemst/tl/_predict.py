@@ -344,7 +344,7 @@ def predict_image(
     overwrite: bool = False,
     n_samples: int | None = None,
     keep_samples: bool = False,
-    dense: bool | str = False,
+    dense: bool | str = "auto",
     tile_px: int = 2048,
     margin_px: int = 256,
     batch_size: int | None = None,
@@ -360,11 +360,13 @@ def predict_image(
     ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds every grid spot with the
     model's encoder and patch size, adds the spatial context if the model uses it and runs :func:`predict`.
 
-    With ``dense=True`` and the default encoder the grid is embedded **densely**: the network runs once per view
-    over the tissue, in tiles fitted to the grid spots' patches and read lazily from the image, and each grid spot's
-    features (mean and std of every stage over its patch) are window sums of the activation maps. On HER2ST C6 at
-    8 µm (84,164 grid spots, 8 views) embedding took 496 s on the shared, loaded 2-core CPU, where the encoder alone
-    over the tissue took 98 s; sampling 2 per spot took 441 s more (``docs/benchmarks_embed.md``). Dense
+    On a grid finer than the patches (``dense="auto"``, the default) and with the default encoder the grid is
+    embedded **densely**: the network runs once per view over the tissue, in tiles fitted to the grid spots' patches
+    and read lazily from the image, and each grid spot's features (mean and std of every stage over its patch) are
+    window sums of the activation maps. On HER2ST C6 at 50 µm (2,599 grid spots, 8 views) embedding took 413 s on
+    the shared 2-core CPU under load 5 (741 s before this layout, idle; 274 s per patch when issue 22 was filed,
+    idle), at 8 µm (84,164 spots) 496 s, where the encoder alone over the tissue took 98 s; sampling 2 per spot
+    took 441 s more (``docs/benchmarks_embed.md``). Dense
     features differ from per-patch ones where the patch edge's padding reaches into the network (mostly the two
     deepest stages). On validation section C5 (inside the training patient) a model trained on C2-C4's per-patch
     features scores mean r 0.575 on dense features against 0.580 on per-patch ones, 50 % / 90 % coverage
@@ -410,10 +412,10 @@ def predict_image(
         Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
         genes float32); the mean and std are always stored.
     dense
-        ``False`` (default): per patch; ``True``: from dense activation maps; ``"auto"``: dense when its tiles read
-        fewer pixels than the patches would, a dense pixel counted 1.5x (grid spacing well below the patch size:
-        50 µm and finer with the default 112 µm patches), else per patch. Encoders that cannot run densely embed per
-        patch.
+        ``"auto"`` (default): dense when its tiles read fewer pixels than the patches would, a dense pixel counted
+        1.5x (grid spacing well below the patch size: 50 µm and finer with the default 112 µm patches), else per
+        patch; ``True``: from dense activation maps; ``False``: per patch. Encoders that cannot run densely embed
+        per patch.
     tile_px, margin_px
         Dense pass: the grid spots are grouped by the ``tile_px`` square (model pixels, a multiple of 32) holding
         their patch's corner; each group is one tile, its patches' bounding box plus ``margin_px`` on every side, so
