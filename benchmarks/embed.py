@@ -225,17 +225,14 @@ def _c6_model():
 
 
 def _only_c6(sdata, model):
-    """Keep C6's image and spots only, as a user predicting a new slide would hold (C2-C5 trained the model)."""
+    """Drop C2-C5's images and spots after training (a user predicting a new slide holds that slide alone)."""
     import gc
 
-    import spatialdata as sd
-
-    table = sdata.tables["table"]
-    c6 = table[(table.obs["section"] == "C6").to_numpy()].copy()
-    out = sd.SpatialData(images={"C6_he": sdata.images["C6_he"]}, tables={"table": c6})
-    del sdata, table
+    for elements in (sdata.images, sdata.shapes):
+        for key in [k for k in elements if not k.startswith("C6")]:
+            del elements[key]
     gc.collect()
-    return out, model
+    return sdata, model
 
 
 def one_pass_seconds(sdata, section: str, *, views: int = 8) -> tuple[float, float]:
