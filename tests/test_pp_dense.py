@@ -7,7 +7,19 @@ import pytest
 import torch
 
 import stemst
-from stemst.pp._dense import DenseGeometry, DenseStats, check_tiles, dense_model
+from stemst.pp._dense import (
+    DenseGeometry,
+    DenseStats,
+    _integral,
+    _view_of,
+    _window_sums,
+    check_tiles,
+    dense_model,
+    fold_batchnorm,
+    plan_tiles,
+    stage_maps,
+    view_boxes,
+)
 from stemst.pp._embed import _windows, plan_section
 from stemst.pp._encoders import resolve_encoder
 
@@ -63,6 +75,69 @@ def test_no_tile_seams(c2):
 def _plan(sdata):
     enc = resolve_encoder("efficientnet_lite0")
     return plan_section(sdata, sdata.tables["table"], "C2", encoders=[enc], patch_size_um=None)[0]
+
+
+def _direct_sums(fmap: torch.Tensor, boxes: np.ndarray) -> np.ndarray:
+    """Sums of a ``(c, h, w)`` map and of its square over fractional boxes, cell by cell (area-weighted)."""
+    c, h, w = fmap.shape
+    out = []
+    for y0, x0, y1, x1 in boxes:
+        wy = np.clip(np.minimum(y1, np.arange(h) + 1) - np.maximum(y0, np.arange(h)), 0, None)
+        wx = np.clip(np.minimum(x1, np.arange(w) + 1) - np.maximum(x0, np.arange(w)), 0, None)
+        cover = torch.from_numpy(np.outer(wy, wx))
+        out.append(torch.cat([(fmap.double() * cover).sum((1, 2)), (fmap.double() ** 2 * cover).sum((1, 2))]))
+    return torch.stack(out).numpy()
+
+
+def _random_boxes(rng, n, h, w):
+    y0, x0 = rng.uniform(0, h - 3, n), rng.uniform(0, w - 3, n)
+    return np.stack([y0, x0, rng.uniform(y0 + 0.5, h), rng.uniform(x0 + 0.5, w)], axis=1)
+
+
+def test_window_sums_equal_a_direct_sum_over_the_covered_cells():
+    """Known answer: the summed-area table read bilinearly at fractional corners is the area-weighted cell sum."""
+    rng = np.random.default_rng(0)
+    fmap = torch.from_numpy(rng.normal(3.0, 2.0, (3, 13, 17)).astype(np.float32))
+    boxes = np.vstack([_random_boxes(rng, 40, 13, 17), [[0, 0, 13, 17], [2, 3, 7, 9], [2.25, 3.5, 2.75, 3.75]]])
+    got = _window_sums(_integral(fmap), (13, 17), torch.from_numpy(boxes)).numpy()
+    np.testing.assert_allclose(got, _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
+    assert got[-3, 0] == pytest.approx(fmap[0].double().sum().item())
+
+
+@pytest.mark.parametrize("view", range(8))
+def test_view_boxes_read_the_same_cells_in_every_view(view):
+    """A box moved into a view's frame covers the same cells of the flipped / turned map (non-square region)."""
+    rng = np.random.default_rng(view)
+    fmap = torch.from_numpy(rng.normal(size=(2, 6, 10)).astype(np.float32))
+    boxes = _random_boxes(rng, 20, 6, 10)
+    turned = _view_of(fmap, view)
+    got = _window_sums(_integral(turned), tuple(turned.shape[1:]), torch.from_numpy(view_boxes(boxes, view, 6, 10)))
+    np.testing.assert_allclose(got.numpy(), _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
+
+
+def test_folded_batchnorm_gives_the_same_maps():
+    net = dense_model(resolve_encoder("efficientnet_lite0").load())
+    folded = fold_batchnorm(net)
+    x = torch.rand(1, 3, 96, 128)
+    with torch.inference_mode():
+        for a, b in zip(stage_maps(net, x), stage_maps(folded, x), strict=True):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert isinstance(net.model.bn1, torch.nn.BatchNorm2d)  # the loaded network is left as it was
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_plan_tiles_computes_every_patch_whole_in_one_tile():
+    rng = np.random.default_rng(1)
+    starts = np.vstack([rng.uniform(-100, 5000, (300, 2)), [[0.0, 0.0], [4095.5, 2047.9]]])
+    geom = DenseGeometry(163, 160, 1024, 256)
+    tiles = plan_tiles(starts, geom)
+    rows = np.concatenate([t.rows for t in tiles])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(starts)))  # each patch exactly once
+    for t in tiles:
+        assert t.y0 % 32 == t.x0 % 32 == t.h % 32 == t.w % 32 == 0
+        lo, hi = starts[t.rows], starts[t.rows] + 160
+        assert (lo >= [t.y0 + 256, t.x0 + 256]).all() and (hi <= [t.y0 + t.h - 256, t.x0 + t.w - 256]).all()
+        assert t.h <= 1024 + 160 + 2 * 256 + 32 and t.w <= 1024 + 160 + 2 * 256 + 32
 
 
 @pytest.mark.parametrize(
@@ -185,3 +260,15 @@ def test_grid_rings_match_spatial_context_rings_at_the_training_spacing():
     ring1 = _lattice_rings(fine, 2, 10.0, 2.5)[0][centre].indices
     dist = np.sort(np.hypot(*(fine[ring1] - fine[centre]).T))
     np.testing.assert_allclose(dist, [10] * 4 + [10 * np.sqrt(2)] * 4)
+
+
+def test_predict_image_auto_embeds_a_coarse_grid_per_patch(crop, effnet_model, caplog):
+    """dense='auto' weighs the tiles' pixels against the patches': a grid coarser than the patches stays per patch."""
+    sdata, _ = crop
+    with caplog.at_level(logging.INFO, logger="stemst"):
+        stemst.tl.predict_image(
+            effnet_model, sdata, "CROP", spacing_um=150, n_samples=2, dense="auto", progress=False, overwrite=True
+        )
+    assert "embedding per patch" in caplog.text and "Dense pass" not in caplog.text
+    assert "embedded per patch" in caplog.text  # the estimate logged before any work names the path
+    assert "dense" not in sdata.tables["CROP_grid_table"].uns["stemst"]["embeddings"]["X_efficientnet_lite0"]

@@ -12,17 +12,19 @@ network (``patch_px`` pixels of the pyramid level become ``input_size``), so a s
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 from stemst._logging import logger
 
-from ._encoders import Encoder, StagePooled, dihedral_views, normalise
+from ._encoders import Encoder, StagePooled, normalise
 
 #: value of pixels outside the image: white, like the glass (the per-patch path pads the same way)
 PAD_VALUE = 255
@@ -117,13 +119,21 @@ def _axis_weights(start: int, n_out: int, ratio: float) -> tuple[np.ndarray, np.
     return idx, w.astype(np.float32)
 
 
+def _taps_matrix(idx: np.ndarray, weight: np.ndarray, n_in: int) -> sp.csr_matrix:
+    """Return the ``(n_out, n_in)`` sparse resampling matrix of one axis' taps."""
+    indptr = np.arange(0, idx.size + 1, idx.shape[1])
+    return sp.csr_matrix((weight.ravel(), idx.ravel(), indptr), shape=(idx.shape[0], n_in))
+
+
 def _resample(block: torch.Tensor, iy: np.ndarray, wy: np.ndarray, ix: np.ndarray, wx: np.ndarray) -> torch.Tensor:
-    """Separable resampling of a ``(3, h, w)`` block with per-axis taps (indices relative to the block)."""
-    n_y, n_x = iy.shape[0], ix.shape[0]
-    rows = block[:, torch.from_numpy(iy.reshape(-1))].reshape(3, n_y, iy.shape[1], -1)
-    rows = (rows * torch.from_numpy(wy)[None, :, :, None]).sum(2)
-    cols = rows[:, :, torch.from_numpy(ix.reshape(-1))].reshape(3, n_y, n_x, ix.shape[1])
-    return (cols * torch.from_numpy(wx)[None, None]).sum(3)
+    """Separable resampling of a ``(3, h, w)`` block with per-axis taps (indices relative to the block).
+
+    Two sparse products per channel (rows, then columns): the same sums as gathering every tap, ~3x faster.
+    """
+    rows = _taps_matrix(iy, wy, block.shape[1])
+    cols = _taps_matrix(ix, wx, block.shape[2]).T.tocsr()
+    b = block.numpy()
+    return torch.from_numpy(np.stack([(rows @ b[c]) @ cols for c in range(len(b))]).astype(np.float32, copy=False))
 
 
 def read_region(image: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
@@ -136,52 +146,139 @@ def read_region(image: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     return out
 
 
-def read_tile(image: Any, geom: DenseGeometry, oy: int, ox: int, size: int) -> torch.Tensor:
-    """RGB in ``[0, 1]``, ``(3, size, size)`` model pixels from global model position ``(oy, ox)`` (white off-image)."""
-    iy, wy = _axis_weights(oy, size, geom.ratio)
-    ix, wx = _axis_weights(ox, size, geom.ratio)
+def read_tile(image: Any, geom: DenseGeometry, oy: int, ox: int, h: int, w: int) -> torch.Tensor:
+    """RGB in ``[0, 1]``, ``(3, h, w)`` model pixels from global model position ``(oy, ox)`` (white off-image)."""
+    iy, wy = _axis_weights(oy, h, geom.ratio)
+    ix, wx = _axis_weights(ox, w, geom.ratio)
     y0, x0 = int(iy.min()), int(ix.min())
-    h, w = int(iy.max()) - y0 + 1, int(ix.max()) - x0 + 1
-    block = torch.from_numpy(read_region(image, y0, x0, h, w)).float().div_(255.0)
+    bh, bw = int(iy.max()) - y0 + 1, int(ix.max()) - x0 + 1
+    block = torch.from_numpy(read_region(image, y0, x0, bh, bw)).float().div_(255.0)
     return _resample(block, iy - y0, wy, ix - x0, wx)
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One read of the tissue: a region of model pixels (margin included) and the patches it holds whole."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+    rows: np.ndarray  # the patches (rows of the spots) whose statistics this tile computes
+
+
+def plan_tiles(starts: np.ndarray, geom: DenseGeometry) -> list[Tile]:
+    """Group the patches (top-left corners ``starts``, model px) by the ``tile_px`` square holding their corner.
+
+    Each tile reads the bounding box of its patches, rounded out to the encoder's stride, plus ``margin_px`` on every
+    side: every patch is computed whole in one tile (no partial sums across tiles) and no pixel far from a patch is
+    read, so a grid over irregular tissue costs about the tissue's area, not its bounding box's.
+    """
+    t, p, m = geom.tile_px, geom.input_size, geom.margin_px
+    _, group = np.unique(np.floor(starts / t).astype(np.int64), axis=0, return_inverse=True)
+    order = np.argsort(group.ravel(), kind="stable")
+    tiles = []
+    for rows in np.split(order, np.flatnonzero(np.diff(group.ravel()[order])) + 1):
+        lo = np.floor(starts[rows].min(0) / STRIDE).astype(np.int64) * STRIDE - m
+        hi = np.ceil((starts[rows].max(0) + p) / STRIDE).astype(np.int64) * STRIDE + m
+        tiles.append(Tile(int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1]), rows))
+    return tiles
+
+
 def _integral(x: torch.Tensor) -> torch.Tensor:
-    """Summed-area table ``(h + 1, w + 1, c)`` in float64 of a ``(c, h, w)`` map."""
+    """Summed-area table of a ``(c, h, w)`` map and of its square: ``((h + 1) * (w + 1), 2c)`` float64, row-major.
+
+    The prefix sums run as one vectorised add per row and per column (``torch.cumsum`` along a strided axis is ~30x
+    slower on a CPU).
+    """
     c, h, w = x.shape
-    out = torch.zeros((h + 1, w + 1, c), dtype=torch.float64)
-    out[1:, 1:] = x.permute(1, 2, 0).double().cumsum(0).cumsum(1)
-    return out
+    out = torch.empty((h + 1, w + 1, 2 * c), dtype=torch.float64)
+    out[0], out[:, 0] = 0.0, 0.0
+    body = out[1:, 1:]
+    body[..., :c] = x.permute(1, 2, 0)
+    torch.square(body[..., :c], out=body[..., c:])
+    for i in range(1, h):
+        body[i] += body[i - 1]
+    for j in range(1, w):
+        body[:, j] += body[:, j - 1]
+    return out.view(-1, 2 * c)
 
 
-def _lookup(table: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Read the summed-area table at fractional cell positions (bilinear: area-weighted cells), ``(n, c)``."""
-    h, w = table.shape[0] - 1, table.shape[1] - 1
-    y0 = y.floor().clamp(0, h - 1).long()
-    x0 = x.floor().clamp(0, w - 1).long()
-    fy, fx = (y - y0).clamp(0, 1)[:, None], (x - x0).clamp(0, 1)[:, None]
-    y1, x1 = (y0 + 1).clamp(max=h), (x0 + 1).clamp(max=w)
-    top = table[y0, x0] * (1 - fx) + table[y0, x1] * fx
-    bottom = table[y1, x0] * (1 - fx) + table[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
+def _window_sums(table: torch.Tensor, shape: tuple[int, int], box: torch.Tensor) -> torch.Tensor:
+    """Return the sums over fractional boxes ``(n, 4)`` = ``(y0, x0, y1, x1)`` in cells of a flat table, ``(n, 2c)``.
 
-
-def _window_sums(table: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Return the sums over fractional boxes ``(n, 4)`` = ``(y0, x0, y1, x1)`` in cells of a summed-area table."""
-    y0, x0, y1, x1 = box.unbind(1)
-    return _lookup(table, y1, x1) - _lookup(table, y0, x1) - _lookup(table, y1, x0) + _lookup(table, y0, x0)
+    The table is read at fractional positions bilinearly (area-weighted cells): 4 corners x 4 taps per box, gathered
+    at once. ``shape`` is the map's ``(h, w)`` in cells.
+    """
+    h, w = shape
+    y = box[:, [2, 0, 2, 0]].double()  # corners (y1, x1) + (y0, x0) - (y0, x1) - (y1, x0)
+    x = box[:, [3, 1, 1, 3]].double()
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    y0, x0 = y.floor().clamp(0, h - 1), x.floor().clamp(0, w - 1)
+    fy, fx = (y - y0).clamp(0, 1), (x - x0).clamp(0, 1)
+    iy, ix = y0.long(), x0.long()
+    taps = [
+        (iy, ix, (1 - fy) * (1 - fx)),
+        (iy, ix + 1, (1 - fy) * fx),
+        (iy + 1, ix, fy * (1 - fx)),
+        (iy + 1, ix + 1, fy * fx),
+    ]
+    idx = torch.cat([a * (w + 1) + b for a, b, _ in taps], 1)  # (n, 16)
+    weight = torch.cat([wt * sign for _, _, wt in taps], 1)
+    rows = table.index_select(0, idx.reshape(-1)).view(len(box), 16, -1)
+    return torch.bmm(weight[:, None], rows)[:, 0]
 
 
 def _view_of(x: torch.Tensor, view: int) -> torch.Tensor:
-    """View ``view`` of :func:`dihedral_views` of a ``(..., H, W)`` tensor."""
-    return dihedral_views(x[None], dims=(-2, -1))[0, view] if view else x
-
-
-def _view_back(x: torch.Tensor, view: int) -> torch.Tensor:
-    """Undo :func:`_view_of` on ``(..., H, W)`` maps."""
+    """View ``view`` of :func:`~stemst.pp._encoders.dihedral_views` of a ``(..., H, W)`` tensor (``H`` and ``W`` may differ)."""
     if view >= 4:
-        return torch.rot90(x, -(view - 4), dims=(-2, -1)).flip(-1)
-    return torch.rot90(x, -view, dims=(-2, -1))
+        x = x.flip(-1)
+    return torch.rot90(x, view % 4, dims=(-2, -1)) if view % 4 else x
+
+
+def view_boxes(boxes: np.ndarray, view: int, h: int, w: int) -> np.ndarray:
+    """Boxes ``(n, 4)`` = ``(y0, x0, y1, x1)`` in a ``(h, w)`` region, in the frame of :func:`_view_of`'s ``view``.
+
+    A flip maps ``x`` to ``w - x``; a quarter turn (:func:`torch.rot90`) maps ``(y, x)`` to ``(w - x, y)`` in a
+    ``(w, h)`` region. The statistics are then read from the maps as the network returned them, never turned back.
+
+    Examples
+    --------
+    >>> view_boxes(np.array([[0.0, 1.0, 2.0, 4.0]]), 1, 3, 5)
+    array([[1., 0., 4., 2.]])
+    """
+    y0, x0, y1, x1 = np.asarray(boxes, np.float64).T
+    if view >= 4:
+        x0, x1 = w - x1, w - x0
+    for _ in range(view % 4):
+        y0, x0, y1, x1 = w - x1, y0, w - x0, y1
+        h, w = w, h
+    return np.stack([y0, x0, y1, x1], axis=1)
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """Return a copy of ``net`` with every batch norm that directly follows a convolution folded into it.
+
+    Inference only: the convolution's weights take the norm's scale and shift, the norm is replaced by its
+    activation. The maps agree with the unfolded network's to float rounding (~1e-6 relative) and a dense pass,
+    memory-bound on large tiles, skips one read and write of every activation map.
+    """
+    net = copy.deepcopy(net)
+    for parent in list(net.modules()):
+        before = None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and isinstance(before, nn.Conv2d) and child.running_var is not None:
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                bias = before.bias if before.bias is not None else torch.zeros_like(scale)
+                before.weight = nn.Parameter(before.weight * scale[:, None, None, None], requires_grad=False)
+                before.bias = nn.Parameter((bias - child.running_mean) * scale + child.bias, requires_grad=False)
+                setattr(
+                    parent,
+                    name,
+                    nn.Sequential(getattr(child, "drop", nn.Identity()), getattr(child, "act", nn.Identity())),
+                )
+            before = child
+    return net
 
 
 class DenseStats:
@@ -192,7 +289,7 @@ class DenseStats:
     encoder
         The encoder spec (input size, normalisation).
     net
-        Its loaded :class:`StagePooled` network (:func:`dense_model`).
+        Its loaded :class:`StagePooled` network (:func:`dense_model`); its batch norms are folded into a copy.
     geom
         Patch and tile sizes.
     device
@@ -200,102 +297,74 @@ class DenseStats:
     """
 
     def __init__(self, encoder: Encoder, net: StagePooled, geom: DenseGeometry, device: torch.device):
-        self.encoder, self.net, self.geom, self.device = encoder, net, geom, device
+        self.encoder, self.geom, self.device = encoder, geom, device
+        self.net = fold_batchnorm(net).eval().to(device).to(memory_format=torch.channels_last)
 
     def windows(self, corners: np.ndarray) -> np.ndarray:
         """Each patch's top-left corner in model pixels, from its corner ``(y0, x0)`` at the pyramid level."""
         return corners.astype(np.float64) * self.geom.ratio
 
-    def tiles(self, starts: np.ndarray) -> list[tuple[int, int]]:
-        """Tile indices ``(ty, tx)`` whose core meets at least one patch (patches start at ``starts``, model px)."""
-        t, p = self.geom.tile_px, self.geom.input_size
-        lo = np.floor(starts / t).astype(np.int64)
-        hi = np.floor((starts + p - 1e-6) / t).astype(np.int64)
-        found: set[tuple[int, int]] = set()
-        for dy in range(int((hi - lo)[:, 0].max()) + 1):
-            for dx in range(int((hi - lo)[:, 1].max()) + 1):
-                ok = (lo[:, 0] + dy <= hi[:, 0]) & (lo[:, 1] + dx <= hi[:, 1])
-                found.update(map(tuple, (lo[ok] + [dy, dx]).tolist()))
-        return sorted(found)
+    def tiles(self, starts: np.ndarray) -> list[Tile]:
+        """Return the tiles that compute the patches starting at ``starts`` (model px): :func:`plan_tiles`."""
+        return plan_tiles(starts, self.geom)
 
     @torch.inference_mode()
-    def tile_maps(self, image: Any, ty: int, tx: int, view: int) -> list[torch.Tensor]:
-        """Activation maps of one tile's core in view ``view``, oriented as the slide, float32 on the CPU."""
-        t, m = self.geom.tile_px, self.geom.margin_px
-        rgb = read_tile(image, self.geom, ty * t - m, tx * t - m, t + 2 * m)
-        x = normalise(rgb, self.encoder.mean, self.encoder.std)
-        x = _view_of(x, view)[None].to(self.device).contiguous(memory_format=torch.channels_last)
+    def view_features(self, x: torch.Tensor, boxes: np.ndarray, view: int) -> np.ndarray:
+        """Features ``(n, D)`` of the patches ``boxes`` (model px in the tile) in view ``view`` of a tile ``x``."""
+        h, w = x.shape[-2:]
+        xv = _view_of(x, view)[None].to(self.device).contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
-            maps = stage_maps(self.net, x)
-        out = []
-        for fmap in maps:
-            stride = (t + 2 * m) // fmap.shape[-1]
-            core = _view_back(fmap[0].float(), view)
-            out.append(core[:, m // stride : (m + t) // stride, m // stride : (m + t) // stride].cpu())
-        return out
-
-    def accumulate(
-        self, sums: list[np.ndarray], maps: list[torch.Tensor], starts: np.ndarray, rows: np.ndarray, ty: int, tx: int
-    ) -> None:
-        """Add each patch's share of this tile (sum and sum of squares per stage) to ``sums`` (rows ``rows``)."""
-        t, p = self.geom.tile_px, self.geom.input_size
-        origin = np.array([ty * t, tx * t], np.float64)
-        rel = np.concatenate([starts[rows] - origin, starts[rows] + p - origin], axis=1)
-        for k, fmap in enumerate(maps):
-            stride = t / fmap.shape[-1]
-            box = torch.from_numpy(np.clip(rel / stride, 0, fmap.shape[-1]))
-            sums[k][rows] += _window_sums(_integral(torch.cat([fmap, fmap.square()])), box).numpy()
-
-    def finish(self, sums: list[np.ndarray]) -> np.ndarray:
-        """Mean and (unbiased, as :meth:`torch.Tensor.std`) std of every stage, in :class:`StagePooled`'s order."""
+            maps = stage_maps(self.net, xv)
+        vbox = view_boxes(boxes, view, h, w)
         p, parts = self.geom.input_size, []
-        for k, acc in enumerate(sums):
-            c = acc.shape[1] // 2
-            stride = self.geom.tile_px / self._cells[k]
-            n = (p / stride) ** 2
-            mean = acc[:, :c] / n
-            var = (acc[:, c:] - n * mean**2) / max(n - 1, 1.0)
-            parts += [mean, np.sqrt(np.clip(var, 0, None))]
+        for fmap in maps:
+            stride = xv.shape[-2] / fmap.shape[-2]
+            fmap, cells = _crop_to_boxes(fmap[0], vbox / stride)
+            sums = _window_sums(_integral(fmap.float().cpu()), fmap.shape[-2:], torch.from_numpy(cells)).numpy()
+            parts += _mean_std(sums, (p / stride) ** 2)
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def run(self, image: Any, corners: np.ndarray, *, views: int, mean_views: bool, progress: Any = None) -> np.ndarray:
         """Features of the patches at ``corners`` (level pixels): ``(n, views, D)``, or ``(n, D)`` with ``mean_views``.
 
-        Views are passes over the whole tissue, one after the other; only one view's sums are held at a time.
+        Each tile is read and resampled once; its views are passes of the network over the flipped / turned tile.
         """
-        starts = self.windows(corners)
+        starts, p = self.windows(corners), self.geom.input_size
         tiles = self.tiles(starts)
-        bins = _tile_members(starts, self.geom, tiles)
         n = len(corners)
         out = np.zeros((n, self.net.dim) if mean_views else (n, views, self.net.dim), np.float32)
-        logger.info("Dense pass: %d spots, %d tiles of %d px (+%d margin), %d view(s).", n, len(tiles),
-                    self.geom.tile_px, self.geom.margin_px, views)  # fmt: skip
-        for view in range(views):
-            sums: list[np.ndarray] | None = None
-            for (ty, tx), rows in zip(tiles, bins, strict=True):
-                maps = self.tile_maps(image, ty, tx, view)
-                if sums is None:
-                    self._cells = [fm.shape[-1] for fm in maps]
-                    sums = [np.zeros((n, 2 * fm.shape[0]), np.float64) for fm in maps]
-                self.accumulate(sums, maps, starts, rows, ty, tx)
+        logger.info("Dense pass: %d spots, %d tiles (%.0f M model px, margins included), %d view(s).", n, len(tiles),
+                    sum(t.h * t.w for t in tiles) / 1e6, views)  # fmt: skip
+        for tile in tiles:
+            rgb = read_tile(image, self.geom, tile.y0, tile.x0, tile.h, tile.w)
+            x = normalise(rgb, self.encoder.mean, self.encoder.std)
+            rel = starts[tile.rows] - [tile.y0, tile.x0]
+            boxes = np.concatenate([rel, rel + p], axis=1)
+            for view in range(views):
+                feats = self.view_features(x, boxes, view)
+                if mean_views:
+                    out[tile.rows] += feats / views
+                else:
+                    out[tile.rows, view] = feats
                 if progress is not None:
                     progress.update(1)
-            feats = self.finish(sums)
-            if mean_views:
-                out += feats / views
-            else:
-                out[:, view] = feats
         return out
 
 
-def _tile_members(starts: np.ndarray, geom: DenseGeometry, tiles: list[tuple[int, int]]) -> list[np.ndarray]:
-    """For each tile, the rows of the patches that meet its core."""
-    t, p = geom.tile_px, geom.input_size
-    lo = np.floor(starts / t).astype(np.int64)
-    hi = np.floor((starts + p - 1e-6) / t).astype(np.int64)
-    out = []
-    for ty, tx in tiles:
-        ok = (lo[:, 0] <= ty) & (ty <= hi[:, 0]) & (lo[:, 1] <= tx) & (tx <= hi[:, 1])
-        out.append(np.flatnonzero(ok))
-    return out
+def _crop_to_boxes(fmap: torch.Tensor, cells: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Crop a ``(c, h, w)`` map to the cells its boxes (in cells) touch, and move the boxes with it.
+
+    The margin around the patches feeds the network, never a window: its summed-area table is not built.
+    """
+    lo = np.clip(np.floor(cells[:, :2].min(0)).astype(np.int64), 0, None)
+    hi = np.minimum(np.ceil(cells[:, 2:].max(0)).astype(np.int64), fmap.shape[-2:])
+    return fmap[:, lo[0] : hi[0], lo[1] : hi[1]], cells - np.tile(lo, 2)
+
+
+def _mean_std(sums: np.ndarray, n: float) -> list[np.ndarray]:
+    """Mean and (unbiased, as :meth:`torch.Tensor.std`) std from the sums of a map and of its square over n cells."""
+    c = sums.shape[1] // 2
+    mean = sums[:, :c] / n
+    var = (sums[:, c:] - n * mean**2) / max(n - 1, 1.0)
+    return [mean, np.sqrt(np.clip(var, 0, None))]

@@ -273,7 +273,7 @@ def predict(
     mask = section_mask(src, sections)
     if not mask.any():
         raise StemstDataError(f"No spots selected (sections={sections!r}).")
-    src = src[mask]
+    src = src if mask.all() else src[mask]  # a view of all rows would copy every obsm array it is asked for
     model.check_table(src)
     factors = depth_factors(model, src, depth)
     _check_resolution(model, src)
@@ -342,10 +342,10 @@ def predict_image(
     min_tissue: float = 0.25,
     encoder: Any = None,
     overwrite: bool = False,
-    n_samples: int = 20,
+    n_samples: int | None = None,
     keep_samples: bool = False,
     depth: float | None = None,
-    dense: bool | str = False,
+    dense: bool | str = "auto",
     tile_px: int = 2048,
     margin_px: int = 256,
     batch_size: int | None = None,
@@ -361,11 +361,13 @@ def predict_image(
     ``f"{{section}}_grid"`` with a table ``f"{{section}}_grid_table"`` (no counts), embeds every grid spot with the
     model's encoder and patch size, adds the spatial context if the model uses it and runs :func:`predict`.
 
-    With ``dense=True`` and the default encoder the grid is embedded **densely**: the network runs once per view
-    over the tissue, in overlapping tiles read lazily from the image, and each grid spot's features (mean and std of
-    every stage over its patch) are window sums of the activation maps. One such pass over C6's tissue (8 views)
-    takes 26 s here, but the window sums do not yet keep up: on C6 at 50 µm (2,599 spots) the dense path took 741 s
-    against 274 s per patch, so per patch stays the default until they do (``docs/benchmarks_embed.md``). Dense
+    On a grid finer than the patches (``dense="auto"``, the default) and with the default encoder the grid is
+    embedded **densely**: the network runs once per view over the tissue, in tiles fitted to the grid spots' patches
+    and read lazily from the image, and each grid spot's features (mean and std of every stage over its patch) are
+    window sums of the activation maps. On HER2ST C6 at 50 µm (2,599 grid spots, 8 views) embedding took 413 s on
+    the shared 2-core CPU under load 5 (741 s before this layout, idle; 274 s per patch when issue 22 was filed,
+    idle); at 8 µm (84,164 spots, load 3 -> 2) 316 s, and sampling 2 per spot 139 s more: 455 s in all, peak
+    memory 9.8 GB (``docs/benchmarks_embed.md``). Dense
     features differ from per-patch ones where the patch edge's padding reaches into the network (mostly the two
     deepest stages). On validation section C5 (inside the training patient) a model trained on C2-C4's per-patch
     features scores mean r 0.575 on dense features against 0.580 on per-patch ones, 50 % / 90 % coverage
@@ -403,7 +405,10 @@ def predict_image(
         Replace the grid, its table and the prediction table if they exist; by default existing ones are refused
         before anything is computed.
     n_samples
-        Samples per spot (ignored, i.e. 1, for deterministic baselines).
+        Samples per grid spot (ignored, i.e. 1, for deterministic baselines). ``None`` (default): 20, fewer on a
+        grid so large that spots x samples would exceed 500,000 (about 8 minutes of sampling on a 2-core CPU, ~1 ms
+        per spot and sample), never fewer than 4; the number is logged. The default model's mean (``X``) comes from
+        its mean head whatever the samples; only the std (and the samples, if kept) rest on them, noisier with fewer.
     keep_samples
         Store the samples in the prediction table's ``obsm['samples']`` (large on a fine grid: spots x samples x
         genes float32); the mean and std are always stored.
@@ -411,13 +416,16 @@ def predict_image(
         The sequencing depth (total counts per spot) the counts should assume, as in :func:`predict`; ``None``: the
         training median. An unsequenced slide has no measured depth: give the run's expected depth as a number.
     dense
-        ``False`` (default): per patch; ``True``: from dense activation maps; ``"auto"``: dense when that reads
-        fewer pixels than the patches would (grid spacing well below the patch size), else per patch. Encoders
-        that cannot run densely embed per patch.
+        ``"auto"`` (default): dense when its tiles read fewer pixels than the patches would, a dense pixel counted
+        1.5x (grid spacing well below the patch size: 50 µm and finer with the default 112 µm patches), else per
+        patch; ``True``: from dense activation maps; ``False``: per patch. Encoders that cannot run densely embed
+        per patch.
     tile_px, margin_px
-        Dense pass: side of a tile's core and the margin read around it, in model pixels (multiples of 32). Larger
-        tiles waste less margin but hold more activations in memory (about 2 GB for the default 2048 + 2 x 256); a
-        margin under 256 shows tile seams in the two deepest stages.
+        Dense pass: the grid spots are grouped by the ``tile_px`` square (model pixels, a multiple of 32) holding
+        their patch's corner; each group is one tile, its patches' bounding box plus ``margin_px`` on every side, so
+        every patch is computed whole in one tile. Larger tiles waste less margin but hold more activations in
+        memory (about 2 GB for the default 2048 + 2 x 256); a margin under 256 shows tile seams in the two deepest
+        stages.
     batch_size
         Patches per encoder forward pass on the per-patch path (default: 16 on CPU, 256 on CUDA).
     max_spots
@@ -447,6 +455,8 @@ def predict_image(
 
     if depth is not None and (isinstance(depth, str) or np.ndim(depth) != 0):
         raise ValueError(f"predict_image: depth must be one number (total counts per spot) or None, got {depth!r}.")
+    if dense not in (True, False, "auto"):
+        raise ValueError(f"dense must be True, False or 'auto', got {dense!r}.")
     job = _image_job(model, sdata, section, spacing_um, table_key, key_added, overwrite, n_samples, encoder)
     centres, _ = grid_spots(
         sdata, section, spacing_um=job.spacing_um, table_key=table_key, min_tissue=min_tissue, max_spots=max_spots
@@ -455,11 +465,14 @@ def predict_image(
         raise StemstDataError(f"No tissue found in section {section!r}; lower min_tissue or check the image.")
     if len(centres) > max_spots / 5:
         warn(f"predict_image: {len(centres):,} grid spots {job.spacing_um:g} µm apart in section {section!r} to embed.")
+    n_samples = grid_samples(len(centres), n_samples)
     n_draw = n_samples if model.stochastic else 1
-    _announce(job, model, len(centres), n_draw, keep_samples=keep_samples, max_memory_gb=max_memory_gb, dense=dense)
     work, grid_key = _grid_element(sdata, job, centres)
-    _embed_grid(work, job, grid_key, dense=dense, tile_px=tile_px, margin_px=margin_px, batch_size=batch_size,
-                progress=progress)  # fmt: skip
+    plan = (
+        _dense_plan(work, job, grid_key, auto=dense == "auto", tile_px=tile_px, margin_px=margin_px) if dense else None
+    )
+    _announce(job, model, len(centres), n_draw, keep_samples=keep_samples, max_memory_gb=max_memory_gb, dense=plan)
+    _embed_grid(work, job, grid_key, plan, batch_size=batch_size, progress=progress)
     if job.context:
         _grid_context(work.tables[grid_key], job)
     logger.info("Predicting %d grid spots (%.0f µm apart) in section %r", len(centres), job.spacing_um, section)
@@ -482,10 +495,43 @@ def predict_image(
     return job.out_key
 
 
-#: CPU rate of the default encoder, model pixels per second per view on 2 cores (for the time estimate only)
-DENSE_PX_PER_S = 2.0e6
-#: ... and of the per-patch path, patches per second per view
-PATCHES_PER_S = 60.0
+#: CPU rate of the dense path (network, summed-area tables, reads), model pixels per second per view on 2 cores, and
+#: of the per-patch path, patches per second per view; for the time estimate only
+DENSE_PX_PER_S = 1.0e6
+PATCHES_PER_S = 100.0
+#: sampling cost of the default model on 2 cores, seconds per spot and sample (25 steps; for the estimate only)
+SAMPLE_S = 1.0e-3
+#: ``predict_image(n_samples=None)`` draws 20 samples per grid spot, fewer on grids so large that spots x samples
+#: would exceed this (about 8 minutes of sampling on 2 cores), never fewer than :data:`MIN_GRID_SAMPLES`
+GRID_SAMPLE_BUDGET = 500_000
+DEFAULT_SAMPLES = 20
+MIN_GRID_SAMPLES = 4
+#: ``dense="auto"`` embeds densely when the dense pass reads fewer pixels than the patches, by this factor: a dense
+#: pixel costs more than a patch pixel (larger maps, summed-area tables)
+DENSE_PIXEL_COST = 1.5
+
+
+def grid_samples(n_spots: int, n_samples: int | None) -> int:
+    """Return the samples per grid spot: ``n_samples`` if given, else 20 capped by :data:`GRID_SAMPLE_BUDGET` (logged).
+
+    Examples
+    --------
+    >>> grid_samples(700, None), grid_samples(84_000, None), grid_samples(84_000, 20)
+    (20, 5, 20)
+    """
+    if n_samples is not None:
+        return n_samples
+    chosen = max(MIN_GRID_SAMPLES, min(DEFAULT_SAMPLES, GRID_SAMPLE_BUDGET // max(n_spots, 1)))
+    if chosen < DEFAULT_SAMPLES:
+        logger.info(
+            "predict_image: %d samples per grid spot for %d spots (n_samples=None keeps spots x samples near %d); the "
+            "mean comes from the model's mean head where it has one, the std from these samples. Pass n_samples for "
+            "more.",
+            chosen,
+            n_spots,
+            GRID_SAMPLE_BUDGET,
+        )
+    return chosen
 
 
 @dataclass
@@ -502,6 +548,7 @@ class _ImageJob:
     context: dict | None
     base_key: str
     ring_spacing_um: float | None = None
+    stain_norm: dict | None = None  # the training sections' stain reference, when the model was trained on one
 
 
 def _image_job(
@@ -512,7 +559,7 @@ def _image_job(
     table_key: str,
     key_added: str | None,
     overwrite: bool,
-    n_samples: int,
+    n_samples: int | None,
     encoder: Any,
 ) -> _ImageJob:
     """Check the arguments and the keys to write (refusing before any work) and settle the grid's settings."""
@@ -524,7 +571,8 @@ def _image_job(
             "The model does not record which encoder made its embeddings (fit it on a table embedded with "
             "stemst.pp.embed_patches, or pass encoder=); predict_image needs it to embed new patches the same way."
         )
-    _check_n_samples(n_samples)
+    if n_samples is not None:
+        _check_n_samples(n_samples)
     if spacing_um is not None:
         check_spacing(spacing_um)
     info = section_info(get_table(sdata, table_key), section)
@@ -549,6 +597,7 @@ def _image_job(
         encoder=encoder if encoder is not None else (model.encoder.get("encoders") or model.encoder["encoder"]),
         context=context,
         base_key=context["embedding_key"] if context else model.embedding_key,
+        stain_norm=model.encoder.get("stain_norm") or None,
     )
     if context:
         job.ring_spacing_um = _training_spacing_um(model, context)
@@ -575,28 +624,31 @@ def _announce(
     *,
     keep_samples: bool,
     max_memory_gb: float,
-    dense: bool,
+    dense: _DensePlan | None,
 ) -> None:
     """Log the grid, a time estimate and the memory it will hold; refuse above ``max_memory_gb``."""
     dim = int(model.encoder.get("dim") or 1632)
     n_rings = int(job.context["n_rings"]) if job.context else 0
     views = N_VIEWS_DENSE if job.context and job.context.get("use_views") else 1
-    # own features (+ per-view sums on the dense path), rings, context and its standardised copy, float32/64
-    feature_gb = 4.0 * n_spots * dim * (2 + 2 * n_rings + 2 * (1 + n_rings) + (4 if dense else views)) / 1e9
+    # own features (the mean of the views; per patch every view), rings, context and its standardised copy, float32
+    feature_gb = 4.0 * n_spots * dim * (2 + 2 * n_rings + 2 * (1 + n_rings) + (1 if dense else views)) / 1e9
     sample_gb = sample_memory_gb(n_spots, n_draw, model.n_genes, keep_samples=keep_samples)
     need = feature_gb + sample_gb
-    tissue_px = n_spots * (job.spacing_um / 0.7) ** 2  # grid cells cover the tissue; 0.7 µm per model pixel
-    seconds = views * max(tissue_px, 1.0) * 1.6 / DENSE_PX_PER_S if dense else views * n_spots / PATCHES_PER_S
+    embed_s = views * dense.pixels / DENSE_PX_PER_S if dense else views * n_spots / PATCHES_PER_S
+    sample_s = n_spots * n_draw * SAMPLE_S
+    how = f"densely ({dense.pixels / 1e6:.0f} M model px per view)" if dense else "per patch"
     logger.info(
-        "predict_image: %d grid spots %.0f µm apart in section %r, %d view(s), %d sample(s) each; about %.1f GB of "
-        "features and samples; encoder about %.0f s on a 2-core CPU (less on a GPU), sampling extra.",
+        "predict_image: %d grid spots %.0f µm apart in section %r, embedded %s, %d view(s), %d sample(s) each; about "
+        "%.1f GB of features and samples; on a 2-core CPU about %.0f s to embed and %.0f s to sample (less on a GPU).",
         n_spots,
         job.spacing_um,
         job.section,
+        how,
         views,
         n_draw,
         need,
-        seconds,
+        embed_s,
+        sample_s,
     )
     if need > max_memory_gb:
         raise StemstDataError(
@@ -643,29 +695,67 @@ def _grid_element(sdata: Any, job: _ImageJob, centres: np.ndarray) -> tuple[Any,
     return work, grid_key
 
 
+@dataclass
+class _DensePlan:
+    """A dense pass over the grid, planned before any work: its tiles read ``pixels`` model pixels per view."""
+
+    stats: Any
+    corners: np.ndarray
+    image: Any
+    plan: Any
+    pixels: int
+    tile_px: int
+    margin_px: int
+
+
+def _dense_plan(
+    work: Any, job: _ImageJob, grid_key: str, *, auto: bool, tile_px: int, margin_px: int
+) -> _DensePlan | None:
+    """Plan the dense pass over the grid (its tiles and their pixels) before any work.
+
+    None (logged) when the encoder cannot run densely or, with ``auto``, when the patches would read fewer pixels
+    (the dense ones weighted by :data:`DENSE_PIXEL_COST`).
+    """
+    from stemst._torch import resolve_device
+    from stemst.pp._dense import DenseGeometry, DenseStats, check_tiles, dense_model
+    from stemst.pp._embed import _check_tissue, _windows, plan_section
+    from stemst.pp._encoders import resolve_encoders
+
+    check_tiles(tile_px, margin_px)
+    if job.stain_norm:
+        logger.info("predict_image: the model was trained on stain-normalised patches; embedding each grid spot's "
+                    "patch, normalised to its training reference.")  # fmt: skip
+        return None
+    encoders = resolve_encoders(job.encoder)
+    net = dense_model(encoders[0].load("cpu")) if len(encoders) == 1 else None
+    if net is None:
+        logger.info("predict_image: encoder %s cannot run densely; embedding each grid spot's patch.", job.encoder)
+        return None
+    table = work.tables[grid_key]
+    coords = np.asarray(table.obsm[SPATIAL_KEY], np.float64)
+    plan, image = plan_section(work, table, job.section, encoders=encoders, patch_size_um=job.patch_um)
+    _check_tissue(work, table, job.section, coords)
+    geom = DenseGeometry(plan.patch_px, int(encoders[0].input_size), tile_px, margin_px)
+    stats, corners = DenseStats(encoders[0], net, geom, resolve_device("auto")), _windows(coords, plan)
+    dense_px = sum(t.h * t.w for t in stats.tiles(stats.windows(corners)))
+    patch_px = len(coords) * geom.input_size**2
+    if auto and dense_px * DENSE_PIXEL_COST >= patch_px:
+        logger.info("predict_image: the patches read %.0f M model px per view, a dense pass %.0f M (x %.1f for its "
+                    "cost per pixel); embedding per patch.", patch_px / 1e6, dense_px / 1e6, DENSE_PIXEL_COST)  # fmt: skip
+        return None
+    return _DensePlan(stats, corners, image, plan, int(dense_px), tile_px, margin_px)
+
+
 def _embed_grid(
-    work: Any,
-    job: _ImageJob,
-    grid_key: str,
-    *,
-    dense: bool,
-    tile_px: int,
-    margin_px: int,
-    batch_size: Any,
-    progress: bool,
+    work: Any, job: _ImageJob, grid_key: str, dense: _DensePlan | None, *, batch_size: Any, progress: bool
 ) -> None:
     """Embed the grid spots: ``obsm[base_key]`` is the mean of the views when the context uses them, else view 0."""
     from stemst.pp import embed_patches
-    from stemst.pp._dense import check_tiles
 
     use_views = bool(job.context and job.context.get("use_views"))
-    if dense not in (True, False, "auto"):
-        raise ValueError(f"dense must be True, False or 'auto', got {dense!r}.")
-    if dense:
-        check_tiles(tile_px, margin_px)
-        sizes = {"use_views": use_views, "tile_px": tile_px, "margin_px": margin_px, "auto": dense == "auto"}
-        if _embed_grid_dense(work, job, grid_key, **sizes):
-            return
+    if dense is not None:
+        _embed_grid_dense(work, job, grid_key, dense, views=N_VIEWS_DENSE if use_views else 1)
+        return
     embed_patches(
         work,
         encoder=job.encoder,
@@ -676,43 +766,19 @@ def _embed_grid(
         batch_size=batch_size,
         progress=progress,
         key_added=job.base_key,
+        stain_norm=job.stain_norm or False,
     )
 
 
-def _embed_grid_dense(
-    work: Any, job: _ImageJob, grid_key: str, *, use_views: bool, tile_px: int, margin_px: int, auto: bool
-) -> bool:
-    """Dense features for the grid (the mean over the views, never the per-view array); False if not possible."""
-    from stemst._torch import resolve_device
-    from stemst.pp._dense import DenseGeometry, DenseStats, dense_model
-    from stemst.pp._embed import _check_tissue, _windows, plan_section
-    from stemst.pp._encoders import resolve_encoders
-
-    encoders = resolve_encoders(job.encoder)
-    net = dense_model(encoders[0].load("cpu")) if len(encoders) == 1 else None
-    if net is None:
-        logger.info("predict_image: encoder %s cannot run densely; embedding each grid spot's patch.", job.encoder)
-        return False
-    table = work.tables[grid_key]
-    coords = np.asarray(table.obsm[SPATIAL_KEY], np.float64)
-    plan, image = plan_section(work, table, job.section, encoders=encoders, patch_size_um=job.patch_um)
-    _check_tissue(work, table, job.section, coords)
-    device = resolve_device("auto")
-    net = net.to(device)
-    geom = DenseGeometry(plan.patch_px, int(encoders[0].input_size), tile_px, margin_px)
-    views = N_VIEWS_DENSE if use_views else 1
-    stats, corners = DenseStats(encoders[0], net, geom, device), _windows(coords, plan)
-    dense_px = len(stats.tiles(stats.windows(corners))) * (tile_px + 2 * margin_px) ** 2
-    patch_px = len(coords) * geom.input_size**2
-    if auto and dense_px >= patch_px:
-        logger.info("predict_image: the patches read fewer pixels (%.0f M) than a dense pass would (%.0f M); "
-                    "embedding per patch.", patch_px / 1e6, dense_px / 1e6)  # fmt: skip
-        return False
-    feats = stats.run(image, corners, views=views, mean_views=True)
+def _embed_grid_dense(work: Any, job: _ImageJob, grid_key: str, dense: _DensePlan, *, views: int) -> None:
+    """Dense features for the grid (the mean over the views, never the per-view array)."""
+    table, plan = work.tables[grid_key], dense.plan
+    feats = dense.stats.run(dense.image, dense.corners, views=views, mean_views=True)
     table.obsm[job.base_key] = feats
+    name = dense.stats.encoder.name
     table.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})[job.base_key] = {
-        "encoder": encoders[0].name,
-        "encoders": [encoders[0].name],
+        "encoder": name,
+        "encoders": [name],
         "dim": int(feats.shape[1]),
         "patch_size_um": {job.section: float(plan.patch_size_um)},
         "patch_px": {job.section: int(plan.patch_px)},
@@ -720,9 +786,8 @@ def _embed_grid_dense(
         "level_mpp": {job.section: float(plan.level_mpp)},
         "views": views,
         "views_mean": True,
-        "dense": {"tile_px": tile_px, "margin_px": margin_px},
+        "dense": {"tile_px": dense.tile_px, "margin_px": dense.margin_px},
     }
-    return True
 
 
 def _grid_context(table: ad.AnnData, job: _ImageJob) -> None:
