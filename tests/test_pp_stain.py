@@ -149,3 +149,6 @@ def test_model_carries_the_reference_to_a_new_slide(c2):
     new = _sdata(c2, hed_rescale(c2["image"][None], SHIFT)[0])
     embed_patches(new, encoder=MEAN_RGB, progress=False, cache=False, augment=False, stain_norm=model)
     assert new.tables["table"].uns["stemst"]["embeddings"][KEY]["stain_norm"]["reference"] == recorded
+    key = stemst.tl.predict_image(model, new, "C2", spacing_um=200, encoder=MEAN_RGB, n_samples=2, progress=False)
+    grid = new.tables[key.removeprefix("stemst_prediction_") + "_table"]
+    assert grid.uns["stemst"]["embeddings"][KEY]["stain_norm"]["reference"] == recorded  # the grid too
