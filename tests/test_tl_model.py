@@ -163,6 +163,7 @@ def test_prediction_table_layout(embedded, model):
     assert pred.shape == (n6, model.n_genes) and list(pred.var_names) == model.genes
     assert pred.layers["std"].shape == pred.shape and (pred.layers["std"] > 0).mean() > 0.9
     assert pred.obsm["samples"].shape == (n6, 4, model.n_genes)
+    np.testing.assert_allclose(pred.layers["std"], pred.obsm["samples"].std(1, ddof=1), rtol=1e-5, atol=1e-6)
     X6 = embedded.tables["table"].obsm[KEY][embedded.tables["table"].obs["section"].to_numpy() == "C6"]
     np.testing.assert_allclose(pred.X, model.predict_mean(X6), rtol=1e-5, atol=1e-5)  # the mean the samples centre on
     gap = np.abs(pred.obsm["samples"].mean(1) - pred.X).mean()

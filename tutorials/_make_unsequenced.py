@@ -154,19 +154,20 @@ they claim, but the spread separates good from bad predictions only weakly; read
 gene, this region is less certain), not as an error bar for a single spot."""),
     md("""## At Visium HD resolution: an 8 µm grid over the whole section
 
-With `dense=True`, `predict_image` embeds the grid *densely*: the encoder runs once per view over the tissue (in
-overlapping tiles read lazily from the image), and every grid spot's features are window sums of its activation
-maps, rather than one patch per spot. (The window sums are not yet fast on a CPU: at 50 µm the dense path took 741 s
-against a 26 s encoder pass, `docs/scaling.md`; per patch stays the default.)
-What grows with the number of spots is the sampling: two samples per spot here keep it to minutes on a CPU (the
-mean is then a two-sample mean; on a GPU, use more). The spatial context is taken at the training spots' spacing,
+On a grid this fine `predict_image` embeds *densely* by itself (`dense="auto"`, the default): the encoder runs
+once per view over the tissue, in tiles fitted to the grid spots' patches and read lazily from the image, and every
+grid spot's features are window sums of the activation maps, rather than one patch per spot. On the shared 2-core
+CPU this package is developed on, section C6 at 8 µm (84,164 grid spots, 8 views, 2 samples each) took 455 s:
+316 s to embed and 139 s to sample, with a peak memory of 9.8 GB (`docs/benchmarks_embed.md`). What grows with
+the number of spots is the sampling: by default (`n_samples=None`) `predict_image` draws 20 samples per grid spot,
+fewer on a grid this large (never fewer than 4, logged); here two keep it short (the mean comes from the model's
+mean head either way; the std is a two-sample one). The spatial context is taken at the training spots' spacing,
 whatever the grid's. Each point is a 112 µm patch's prediction placed every 8 µm: the map is finer-grained, not
-sharper than the patch. (This cell is tagged `skip-execution`: it is not run when the notebook is executed on the
-shared 2-core CPU it was written on, where the dense path would take far longer than the rest of the notebook;
-`benchmarks/embed.py` times it.)"""),
+sharper than the patch. (This cell is tagged `skip-execution`, so it does not run when the notebook is executed
+for the docs or the tests: it needs about 10 GB of memory and several minutes; `benchmarks/embed.py` times it.)"""),
     code(
         """fine_key = stemst.tl.predict_image(
-    model, sdata, SLIDE, spacing_um=8, n_samples=2, dense=True, key_added="fine", overwrite=True, progress=False
+    model, sdata, SLIDE, spacing_um=8, n_samples=2, key_added="fine", overwrite=True, progress=False
 )
 fine = sdata.tables[fine_key]
 xy = fine.obsm["spatial"]

@@ -243,7 +243,7 @@ def predict(
     The key of the new table in ``data.tables`` (or the new AnnData when ``data`` is an AnnData). The table has:
 
     - ``X``: the mean of the samples on the model's scale (e.g. log2(count + 1)), spots x panel genes;
-    - ``layers['std']``: the standard deviation of the samples;
+    - ``layers['std']``: the standard deviation of the samples (divided by ``n_samples - 1``);
     - ``layers['counts']``: predicted counts, ``X`` back-transformed (e.g. ``2**X - 1``): the composition of the
       prediction's centre, ready for :func:`scanpy.pp.normalize_total` (averaging back-transformed samples would
       inflate each gene by its own spread);
@@ -289,7 +289,7 @@ def predict(
     var = pd.DataFrame(index=pd.Index(model.genes))
     var[PANEL_KEY] = True
     out = ad.AnnData(X=mean, obs=_prediction_obs(src), var=var)
-    out.layers[STD_LAYER] = samples.std(0).astype(np.float32)
+    out.layers[STD_LAYER] = samples.std(0, ddof=1 if len(samples) > 1 else 0).astype(np.float32)  # few: not too low
     # the counts at the predicted centre: its composition is what normalize_total + log1p sees (averaging the
     # back-transformed samples instead inflates each gene by its own spread and distorts the composition)
     depth_info = _depth_params(model, factors, depth)
