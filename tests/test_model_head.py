@@ -101,3 +101,20 @@ def test_mlp_head_learns_a_nonlinear_map_and_lives_in_the_module():
     head = m.head(torch.as_tensor(X[new], dtype=torch.float32)).numpy()
     np.testing.assert_allclose(head, 0.5 * pred, rtol=1e-4, atol=1e-4)
     assert "mlp_w1" in m.state_dict() and all(not n.startswith("mlp_") for n, _ in m.named_parameters())
+
+
+def test_pca_scores_of_many_conditions_are_computed_in_chunks_with_the_same_result(monkeypatch):
+    import torch
+
+    import stemst.model.module as module
+    from stemst.model import DiffusionConfig, DiffusionModel, NetworkConfig
+
+    X = torch.as_tensor(np.random.default_rng(1).normal(size=(1000, 12)) * 2 + 3, dtype=torch.float32)
+    m = DiffusionModel(3, 12, NetworkConfig(width=16, depth=1), DiffusionConfig(head_pcs=6, cond_pcs=4))
+    m.set_projection(X)
+    whole = m.pca_scores(X)
+    monkeypatch.setattr(module, "SCORE_CHUNK", 64)  # 16 chunks, the last one short
+    chunked = m.pca_scores(X)
+    assert chunked.shape == whole.shape == (1000, m.pca_axes.shape[1])
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.condition(X), whole[:, :4] / m.pca_sd[:4], rtol=1e-5, atol=1e-5)

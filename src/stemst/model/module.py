@@ -22,6 +22,9 @@ from stemst.model.losses import denoised, hybrid_loss
 from stemst.model.samplers import Callback, Spacing, get_sampler, step_grid
 from stemst.model.schedule import Schedule, make_schedule, q_sample
 
+#: rows of raw conditions standardised and projected at a time (:meth:`DiffusionModel.pca_scores`)
+SCORE_CHUNK = 16_384
+
 
 class DiffusionModel(nn.Module):
     """A conditional diffusion model of ``n_genes`` values given a ``cond_dim``-d condition.
@@ -127,7 +130,13 @@ class DiffusionModel(nn.Module):
             self.pca_sd.copy_((s[:k] / math.sqrt(len(z))).clamp_min(1e-6))
 
     def pca_scores(self, cond: torch.Tensor) -> torch.Tensor:
-        """Scores of raw conditions ``(n, cond_dim)`` on the kept principal axes, ``(n, n_pcs)`` (not whitened)."""
+        """Scores of raw conditions ``(n, cond_dim)`` on the kept principal axes, ``(n, n_pcs)`` (not whitened).
+
+        Many conditions are scored :data:`SCORE_CHUNK` rows at a time, so the standardised copies stay small (an
+        8 µm grid over a section has ~84,000 spots of 4,896-d context: 1.6 GB a copy).
+        """
+        if len(cond) > SCORE_CHUNK:
+            return torch.cat([self.pca_scores(cond[i : i + SCORE_CHUNK]) for i in range(0, len(cond), SCORE_CHUNK)])
         return ((cond - self.emb_mean) / self.emb_std) @ self.pca_axes
 
     @torch.no_grad()
