@@ -26,7 +26,7 @@ from stemst._logging import logger
 
 from ._encoders import Encoder, StagePooled, normalise
 
-#: value of pixels outside the image: white, like the glass (the per-patch path pads the same way)
+#: value of the pixels a patch or tile reads outside the image: white, like the glass around the tissue (both paths)
 PAD_VALUE = 255
 
 #: total stride of the encoder: tile origins, tile sizes and margins are multiples of it, so every stage's cell grid

@@ -47,12 +47,10 @@ from stemst._schema import (
 from stemst._torch import resolve_device
 from stemst.io._image import check_spots_on_tissue
 
-from ._dense import MARGIN_PX, TILE_PX, DenseGeometry, DenseStats, check_tiles, dense_model
+from ._dense import MARGIN_PX, PAD_VALUE, TILE_PX, DenseGeometry, DenseStats, check_tiles, dense_model
 from ._encoders import Encoder, dihedral_views, fingerprint, normalise, resolve_encoders
 from ._stain import JITTER_BIAS, JITTER_SCALE, STAIN_SPOTS, Stains, fit_stains, hed_jitter, normalise_stains
 
-#: value of the pixels of a patch that fall outside the image: white, like the glass around the tissue
-PAD_VALUE = 255
 #: smallest patch side (in pixels at the chosen pyramid level) that is still embedded
 MIN_PATCH_PX = 8
 #: the paper's minimum patch side, in pixels at the encoder's native resolution
