@@ -85,6 +85,39 @@ def sdata_copy():
 
 
 @pytest.fixture(scope="session")
+def section_crop():
+    """Make ``crop(sdata, section, size)``: a square of a section around its centre spot.
+
+    The ``size`` px square of the image and the spots at least 100 px inside it, as keyword arguments of
+    :func:`stemst._schema.make_section`.
+    """
+
+    def crop(sdata, section: str, size: int) -> dict:
+        import numpy as np
+
+        from stemst import _schema
+
+        t = sdata.tables["table"]
+        sec = t[(t.obs["section"] == section).to_numpy()]
+        xy = np.asarray(sec.obsm["spatial"])
+        x0, y0 = (np.median(xy, axis=0) - size // 2).astype(int)
+        inside = ((xy >= [x0 + 100, y0 + 100]) & (xy < [x0 + size - 100, y0 + size - 100])).all(1)
+        info = _schema.section_info(t, section)
+        sub = sec[inside]
+        return {
+            "image": np.asarray(_schema.get_image(sdata, section)[:, y0 : y0 + size, x0 : x0 + size]),
+            "counts": sub.X,
+            "genes": sub.var_names,
+            "spot_ids": sub.obs_names,
+            "coords": xy[inside] - [x0, y0],
+            "microns_per_pixel": info.microns_per_pixel,
+            "spot_diameter_um": info.spot_diameter_um,
+        }
+
+    return crop
+
+
+@pytest.fixture(scope="session")
 def doctest_sdata(her2st_small, sdata_copy):
     """C2 and C6 with colour-statistics embeddings and a 20-gene panel chosen on C2."""
     import stemst

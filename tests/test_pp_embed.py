@@ -330,26 +330,9 @@ def _counting(name="counting"):
 
 
 @pytest.fixture(scope="module")
-def c2_crop(her2st_c):
+def c2_crop(her2st_c, section_crop):
     """A 1600 x 1600 px crop of C2 (0.69 µm/px) around its centre spot, with the spots that lie in it."""
-    t = her2st_c.tables["table"]
-    c2 = t[(t.obs["section"] == "C2").to_numpy()]
-    xy = np.asarray(c2.obsm["spatial"])
-    x0, y0 = (np.median(xy, axis=0) - 800).astype(int)
-    inside = ((xy >= [x0 + 100, y0 + 100]) & (xy < [x0 + 1500, y0 + 1500])).all(1)
-    image = np.asarray(_schema.get_image(her2st_c, "C2")[:, y0 : y0 + 1600, x0 : x0 + 1600])
-    info = _schema.section_info(t, "C2")
-    sub = c2[inside]
-    return make_section(
-        "C2",
-        image=image,
-        counts=sub.X,
-        genes=sub.var_names,
-        spot_ids=sub.obs_names,
-        coords=xy[inside] - [x0, y0],
-        microns_per_pixel=info.microns_per_pixel,
-        spot_diameter_um=info.spot_diameter_um,
-    )
+    return make_section("C2", **section_crop(her2st_c, "C2", 1600))
 
 
 def _crop_sdata(sec, *, image=None, coords=None):

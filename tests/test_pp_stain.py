@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import stemst
-from stemst import _schema
 from stemst._schema import StemstDataError, assemble, make_section
 from stemst.pp import Encoder, embed_patches
 from stemst.pp._stain import Stains, fit_stains, hed_rescale, normalise_stains
@@ -22,24 +21,9 @@ def _sdata(c2, image):
 
 
 @pytest.fixture(scope="module")
-def c2(her2st_small):
+def c2(her2st_small, section_crop):
     """A 1200 x 1200 px crop of C2 around its centre spot, with the spots that lie in it."""
-    t = her2st_small.tables["table"]
-    sec = t[(t.obs["section"] == "C2").to_numpy()]
-    xy = np.asarray(sec.obsm["spatial"])
-    x0, y0 = (np.median(xy, axis=0) - 600).astype(int)
-    inside = ((xy >= [x0 + 100, y0 + 100]) & (xy < [x0 + 1100, y0 + 1100])).all(1)
-    info = _schema.section_info(t, "C2")
-    sub = sec[inside]
-    return {
-        "image": np.asarray(_schema.get_image(her2st_small, "C2")[:, y0 : y0 + 1200, x0 : x0 + 1200]),
-        "counts": sub.X,
-        "genes": sub.var_names,
-        "spot_ids": sub.obs_names,
-        "coords": xy[inside] - [x0, y0],
-        "microns_per_pixel": info.microns_per_pixel,
-        "spot_diameter_um": info.spot_diameter_um,
-    }
+    return section_crop(her2st_small, "C2", 1200)
 
 
 def _embed(c2, image, **kw):
