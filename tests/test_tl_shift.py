@@ -188,3 +188,14 @@ def test_adaptation_curve_samples_with_the_same_settings_when_adapting_and_predi
     curve = adapt_module.adaptation_curve(model, sdata, section="C6", n_measured=(5,), n_samples=2, steps=3)
     assert curve["n_measured"].tolist() == [5]
     assert len(seen) >= 2 and set(seen) == {3}  # adapt's samples and predict's samples
+
+
+def test_ood_distance_is_computed_in_chunks_with_the_same_result(sdata, monkeypatch):
+    import stemst.tl._ood as ood_module
+
+    X = np.asarray(sdata.tables["table"].obsm[KEY])
+    ref = OODReference.fit(X[::2], X[1::2], embedding_key=KEY, calibrated_on="test")
+    whole = ref.distance(X)
+    monkeypatch.setattr(ood_module, "DISTANCE_CHUNK", 7)  # many chunks, the last one short
+    np.testing.assert_allclose(ref.distance(X.astype(np.float32)), whole, rtol=1e-5)
+    np.testing.assert_allclose(ref.distance(X), whole, rtol=1e-12)
