@@ -366,8 +366,8 @@ def predict_image(
     and read lazily from the image, and each grid spot's features (mean and std of every stage over its patch) are
     window sums of the activation maps. On HER2ST C6 at 50 µm (2,599 grid spots, 8 views) embedding took 413 s on
     the shared 2-core CPU under load 5 (741 s before this layout, idle; 274 s per patch when issue 22 was filed,
-    idle); at 8 µm (84,164 spots, load 3 -> 2) 316 s, and sampling 2 per spot 139 s more: 455 s in all, peak
-    memory 9.8 GB (``docs/benchmarks_embed.md``). Dense
+    idle); at 8 µm (84,164 spots, load 1.9 -> 1.7) 263 s, and sampling 2 per spot 152 s more: 414 s in all, peak
+    memory 6.3 GB (``docs/benchmarks_embed.md``). Dense
     features differ from per-patch ones where the patch edge's padding reaches into the network (mostly the two
     deepest stages). On validation section C5 (inside the training patient) a model trained on C2-C4's per-patch
     features scores mean r 0.575 on dense features against 0.580 on per-patch ones, 50 % / 90 % coverage
