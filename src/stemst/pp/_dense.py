@@ -325,7 +325,7 @@ class DenseStats:
             parts += _mean_std(sums, (p / stride) ** 2)
         return np.concatenate(parts, axis=1).astype(np.float32)
 
-    def run(self, image: Any, corners: np.ndarray, *, views: int, mean_views: bool, progress: Any = None) -> np.ndarray:
+    def run(self, image: Any, corners: np.ndarray, *, views: int, mean_views: bool) -> np.ndarray:
         """Features of the patches at ``corners`` (level pixels): ``(n, views, D)``, or ``(n, D)`` with ``mean_views``.
 
         Each tile is read and resampled once; its views are passes of the network over the flipped / turned tile.
@@ -347,8 +347,6 @@ class DenseStats:
                     out[tile.rows] += feats / views
                 else:
                     out[tile.rows, view] = feats
-                if progress is not None:
-                    progress.update(1)
         return out
 
 
