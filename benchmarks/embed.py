@@ -267,6 +267,30 @@ def one_pass_seconds(sdata, section: str, *, views: int = 8) -> tuple[float, flo
     return views * tissue_px / rate, tissue_px / 1e6
 
 
+def patch_union_mpx(sdata, section: str, centres) -> float:
+    """Return the model megapixels covered by the union of the grid spots' patches (``centres``: full-res ``(x, y)``).
+
+    What any method that computes each spot's whole patch must encode per view (no tile margins): the floor beside
+    the tissue's area. Rasterised at a quarter of the model's resolution (squares of ``input_size / 4`` cells round their edges).
+    """
+    import numpy as np
+
+    from stemst.pp._embed import plan_section
+    from stemst.pp._encoders import resolve_encoder
+
+    enc = resolve_encoder("efficientnet_lite0")
+    plan, _ = plan_section(sdata, sdata.tables["table"], section, encoders=[enc], patch_size_um=None)
+    cell = 4.0  # model px per raster cell
+    ratio = enc.input_size / plan.patch_px / plan.scale[0]  # model px per full-resolution px
+    side = int(round(enc.input_size / cell))
+    lo = np.floor(np.asarray(centres, np.float64) * ratio / cell).astype(np.int64) - side // 2
+    lo -= lo.min(0)
+    canvas = np.zeros(tuple(lo.max(0) + side), bool)
+    for x, y in lo:
+        canvas[x : x + side, y : y + side] = True
+    return float(canvas.sum()) * cell**2 / 1e6
+
+
 def run_dense_case(name: str) -> dict:
     """``dense_vs_patch``: C6's spots, one view, per patch and dense; ``predict_image_c6_<s>um``: a grid over C6."""
     import stemst
@@ -336,7 +360,9 @@ def run_dense_case(name: str) -> dict:
         embed_seconds=round(seconds - timings["sample_seconds"], 1),
         one_pass_seconds=round(alone, 1),
         tissue_mpx_model_scale=round(tissue_mpx, 1),
+        patch_union_mpx_model_scale=round(patch_union_mpx(sdata, "C6", pred.obsm["spatial"]), 1),
         ratio_to_one_pass=round(seconds / alone, 2),
+        embed_ratio_to_one_pass=round((seconds - timings["sample_seconds"]) / alone, 2),
         rss_before_mib=round(before, 1),
         peak_rss_mib=round(peak.peak, 1),
         finite=bool(np.isfinite(pred.X).all()),
@@ -475,15 +501,21 @@ def _dense_markdown(results: list[dict]) -> list[str]:
             "cost grows with spots x samples). `load` is the 1-minute load average before / after the case on the "
             "shared 2-core machine: above 2, other jobs took part of the CPU and every time is pessimistic.",
             "",
-            "| spacing (µm) | grid spots | views | samples | s | embed s | sample s | one pass s | ratio | peak RSS (MiB) | load | date |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "`tissue` is the tissue's area and `union` the union of the grid spots' patches, in model megapixels per "
+            "view: a spot's features are statistics over its whole patch, so every method that computes them encodes "
+            "at least the union, and the dense pass also reads a margin around its tiles. `ratio` is the whole call "
+            "over one pass, `embed ratio` the embedding alone.",
+            "",
+            "| spacing (µm) | grid spots | views | samples | s | embed s | sample s | one pass s | ratio | embed ratio | tissue / union (M px) | peak RSS (MiB) | load | date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in grid:
             load = f"{r.get('load_average_1min_before', float('nan')):.1f} / {r.get('load_average_1min_after', float('nan')):.1f}"
             lines.append(
                 f"| {r['spacing_um']:g} | {r['grid_spots']} | {r['views']} | {r['n_samples']} | {r['seconds']} | "
                 f"{r['embed_seconds']} | {r['sample_seconds']} | {r['one_pass_seconds']} | {r['ratio_to_one_pass']} | "
-                f"{r['peak_rss_mib']} | {load} | {r['date']} |"
+                f"{r.get('embed_ratio_to_one_pass', '-')} | {r['tissue_mpx_model_scale']} / "
+                f"{r.get('patch_union_mpx_model_scale', '-')} | {r['peak_rss_mib']} | {load} | {r['date']} |"
             )
     return lines
 

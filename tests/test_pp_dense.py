@@ -10,9 +10,8 @@ import stemst
 from stemst.pp._dense import (
     DenseGeometry,
     DenseStats,
-    _integral,
+    _box_sums,
     _view_of,
-    _window_sums,
     check_tiles,
     dense_model,
     fold_batchnorm,
@@ -99,9 +98,18 @@ def test_window_sums_equal_a_direct_sum_over_the_covered_cells():
     rng = np.random.default_rng(0)
     fmap = torch.from_numpy(rng.normal(3.0, 2.0, (3, 13, 17)).astype(np.float32))
     boxes = np.vstack([_random_boxes(rng, 40, 13, 17), [[0, 0, 13, 17], [2, 3, 7, 9], [2.25, 3.5, 2.75, 3.75]]])
-    got = _window_sums(_integral(fmap), (13, 17), torch.from_numpy(boxes)).numpy()
+    got = _box_sums(fmap, boxes)
     np.testing.assert_allclose(got, _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
     assert got[-3, 0] == pytest.approx(fmap[0].double().sum().item())
+
+
+def test_window_sums_of_a_grid_share_row_spans_and_match_a_direct_sum():
+    """Boxes on a lattice (the rows of a grid share their spans), in shuffled order, as predict_image's grids give."""
+    rng = np.random.default_rng(1)
+    fmap = torch.from_numpy(rng.normal(1.0, 2.0, (4, 20, 24)).astype(np.float32))
+    y0, x0 = np.meshgrid(np.arange(0.3, 14, 1.7), np.arange(-0.6, 17, 2.2), indexing="ij")
+    boxes = np.stack([y0.ravel(), x0.ravel(), y0.ravel() + 5.5, x0.ravel() + 5.5], axis=1)[rng.permutation(y0.size)]
+    np.testing.assert_allclose(_box_sums(fmap, boxes), _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("view", range(8))
@@ -111,8 +119,8 @@ def test_view_boxes_read_the_same_cells_in_every_view(view):
     fmap = torch.from_numpy(rng.normal(size=(2, 6, 10)).astype(np.float32))
     boxes = _random_boxes(rng, 20, 6, 10)
     turned = _view_of(fmap, view)
-    got = _window_sums(_integral(turned), tuple(turned.shape[1:]), torch.from_numpy(view_boxes(boxes, view, 6, 10)))
-    np.testing.assert_allclose(got.numpy(), _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
+    got = _box_sums(turned, view_boxes(boxes, view, 6, 10))
+    np.testing.assert_allclose(got, _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
 
 
 def test_folded_batchnorm_gives_the_same_maps():

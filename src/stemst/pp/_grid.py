@@ -23,8 +23,9 @@ def grid_spots(
 ) -> tuple[np.ndarray, float]:
     """Centres ``(x, y)`` (full-resolution pixels) of a square grid of pseudo-spots over the tissue of ``section``.
 
-    A grid point is kept when at least ``min_tissue`` of the pixels of its cell (at the coarsest pyramid level) are
-    tissue (:func:`tissue_mask`). Returns the centres and the pixel spacing.
+    A grid point is kept when at least ``min_tissue`` of its cell's area is tissue (:func:`tissue_mask` at the coarsest
+    pyramid level, each mask pixel weighted by its overlap with the cell: a cell smaller than a mask pixel takes the
+    pixel it lies in, so fine grids follow the mask's outline). Returns the centres and the pixel spacing.
 
     With ``max_spots``, a grid estimated (grid points x tissue fraction) to hold more spots than that is refused
     before it is laid out, with the estimate and the spacing that would fit.
@@ -55,11 +56,31 @@ def grid_spots(
             f"more than max_spots={max_spots:,} (each is a patch to embed and predict). Use a coarser spacing (about "
             f"{fits:.0f} µm gives {max_spots:,}) or raise max_spots."
         )
-    centres, half = [], max(0.5, step / factor / 2)
-    for y in ys:
-        for x in xs:
-            cy, cx = y / factor, x / factor
-            cell = mask[int(max(0, cy - half)) : int(cy + half) + 1, int(max(0, cx - half)) : int(cx + half) + 1]
-            if cell.size and cell.mean() >= min_tissue:
-                centres.append((x, y))
-    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), float(step)
+    keep = _cell_tissue(mask, ys / factor, xs / factor, step / factor / 2) >= min_tissue
+    iy, ix = np.nonzero(keep)  # row-major: grid rows top to bottom, each left to right
+    centres = np.stack([xs[ix], ys[iy]], axis=1)
+    return centres.astype(np.float64).reshape(-1, 2), float(step)
+
+
+def _overlaps(centres: np.ndarray, half: float, n: int) -> np.ndarray:
+    """``(len(centres), n)``: length of each cell ``[c - half, c + half)`` inside each pixel ``[i, i + 1)``."""
+    edges = np.arange(n)
+    lo, hi = centres[:, None] - half, centres[:, None] + half
+    return np.clip(np.minimum(hi, edges + 1) - np.maximum(lo, edges), 0.0, None)
+
+
+def _cell_tissue(mask: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: float) -> np.ndarray:
+    """Tissue fraction of every grid cell, ``(len(cy), len(cx))``: the mask's area inside the cell over its area.
+
+    Cells are squares of side ``2 * half`` mask pixels centred on ``(cy, cx)``, weighted by their exact overlap with
+    each pixel, so a cell smaller than a pixel takes the pixel it lies in and a cell off the image counts as glass.
+
+    Examples
+    --------
+    >>> mask = np.array([[1, 0], [0, 0]], bool)
+    >>> _cell_tissue(mask, np.array([0.5, 1.0]), np.array([0.5, 1.0]), 0.5)
+    array([[1.  , 0.5 ],
+           [0.5 , 0.25]])
+    """
+    wy, wx = _overlaps(cy, half, mask.shape[0]), _overlaps(cx, half, mask.shape[1])
+    return wy @ mask.astype(np.float64) @ wx.T / (2 * half) ** 2
