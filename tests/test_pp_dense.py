@@ -1,12 +1,14 @@
 """Dense stage statistics (pp/_dense.py): agreement with per-patch features, no tile seams, argument checks, fallback."""
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import stemst
+from stemst._errors import StemstWarning
 from stemst.pp._dense import (
     DenseGeometry,
     DenseStats,
@@ -280,3 +282,38 @@ def test_predict_image_auto_embeds_a_coarse_grid_per_patch(crop, effnet_model, c
     assert "embedding per patch" in caplog.text and "Dense pass" not in caplog.text
     assert "embedded per patch" in caplog.text  # the estimate logged before any work names the path
     assert "dense" not in sdata.tables["CROP_grid_table"].uns["stemst"]["embeddings"]["X_efficientnet_lite0"]
+
+
+@pytest.fixture(scope="module")
+def effnet_dense_model(c2, sdata_copy):
+    """The same tiny model on C2's dense features (pp.embed_patches(dense=True)): the model records it."""
+    sdata = sdata_copy(c2)
+    stemst.pp.embed_patches(sdata, augment=False, cache=False, progress=False, dense=True)
+    stemst.pp.select_genes(sdata, train_sections=["C2"], n_genes=5)
+    kw = {"architecture": "mlp", "network": {"width": 16, "depth": 1}, "diffusion": {"head_pcs": None}}
+    return stemst.tl.fit(
+        sdata, embedding_key="X_efficientnet_lite0", sections="C2", steps=5, validation=None, progress=False, **kw
+    )
+
+
+def test_a_model_trained_on_dense_features_embeds_every_grid_densely(crop, effnet_dense_model, caplog):
+    """Dense training features: a grid coarser than the patches is embedded densely too, with no mismatch warning."""
+    sdata, _ = crop
+    assert effnet_dense_model.encoder["dense"] is True
+    with caplog.at_level(logging.INFO, logger="stemst"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        stemst.tl.predict_image(
+            effnet_dense_model, sdata, "CROP", spacing_um=150, n_samples=2, progress=False, overwrite=True
+        )
+    assert "trained on dense features" in caplog.text and "Dense pass" in caplog.text
+    assert not [w for w in seen if "embeddings were computed" in str(w.message)]
+
+
+def test_features_from_the_other_path_than_the_models_warn(crop, effnet_model, effnet_dense_model):
+    """A per-patch model on a dense grid, and a dense model on a per-patch grid: both warn, naming the remedy."""
+    sdata, _ = crop
+    for model, dense in ((effnet_model, True), (effnet_dense_model, False)):
+        with pytest.warns(StemstWarning, match="embeddings were computed .* dense=True"):
+            stemst.tl.predict_image(
+                model, sdata, "CROP", spacing_um=150, n_samples=2, dense=dense, progress=False, overwrite=True
+            )

@@ -476,13 +476,6 @@ def predict_image(
     if job.context:
         _grid_context(work.tables[grid_key], job)
     logger.info("Predicting %d grid spots (%.0f µm apart) in section %r", len(centres), job.spacing_um, section)
-    if plan is not None:
-        logger.warning(
-            "predict_image: dense features differ from the per-patch features the model was trained on in the two "
-            "deepest encoder stages, so the out-of-distribution score flags most dense grid spots (HER2ST C6 at 8 µm: "
-            "all) although the predictions lose little (validation C5: mean r 0.575 against 0.580 per patch); judge "
-            "a slide's likeness to the training data on a grid embedded per patch (dense=False)."
-        )
     predict(
         model,
         work,
@@ -556,6 +549,7 @@ class _ImageJob:
     base_key: str
     ring_spacing_um: float | None = None
     stain_norm: dict | None = None  # the training sections' stain reference, when the model was trained on one
+    dense_trained: bool = False  # the model was trained on dense features (pp.embed_patches(dense=True))
 
 
 def _image_job(
@@ -605,6 +599,7 @@ def _image_job(
         context=context,
         base_key=context["embedding_key"] if context else model.embedding_key,
         stain_norm=model.encoder.get("stain_norm") or None,
+        dense_trained=bool(model.encoder.get("dense")),
     )
     if context:
         job.ring_spacing_um = _training_spacing_um(model, context)
@@ -746,7 +741,9 @@ def _dense_plan(
     stats, corners = DenseStats(encoders[0], net, geom, resolve_device("auto")), _windows(coords, plan)
     dense_px = sum(t.h * t.w for t in stats.tiles(stats.windows(corners)))
     patch_px = len(coords) * geom.input_size**2
-    if auto and dense_px * DENSE_PIXEL_COST >= patch_px:
+    if job.dense_trained:
+        logger.info("predict_image: the model was trained on dense features; embedding the grid densely.")
+    elif auto and dense_px * DENSE_PIXEL_COST >= patch_px:
         logger.info("predict_image: the patches read %.0f M model px per view, a dense pass %.0f M (x %.1f for its "
                     "cost per pixel); embedding per patch.", patch_px / 1e6, dense_px / 1e6, DENSE_PIXEL_COST)  # fmt: skip
         return None
