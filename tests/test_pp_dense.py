@@ -13,7 +13,10 @@ from stemst.pp._dense import (
     DenseGeometry,
     DenseStats,
     _box_sums,
+    _integral,
+    _lattice_sums,
     _view_of,
+    _window_sums,
     check_tiles,
     dense_model,
     fold_batchnorm,
@@ -100,9 +103,11 @@ def test_window_sums_equal_a_direct_sum_over_the_covered_cells():
     rng = np.random.default_rng(0)
     fmap = torch.from_numpy(rng.normal(3.0, 2.0, (3, 13, 17)).astype(np.float32))
     boxes = np.vstack([_random_boxes(rng, 40, 13, 17), [[0, 0, 13, 17], [2, 3, 7, 9], [2.25, 3.5, 2.75, 3.75]]])
-    got = _box_sums(fmap, boxes)
+    got = _window_sums(_integral(fmap), (13, 17), torch.from_numpy(boxes)).numpy()
     np.testing.assert_allclose(got, _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
     assert got[-3, 0] == pytest.approx(fmap[0].double().sum().item())
+    lattice = _lattice_sums(fmap, boxes[:, [0, 2]], boxes[:, [1, 3]])  # any boxes, through a 43 x 43 lattice
+    np.testing.assert_allclose(lattice, got, rtol=1e-9, atol=1e-9)
 
 
 def test_window_sums_of_a_grid_share_row_spans_and_match_a_direct_sum():
@@ -112,6 +117,8 @@ def test_window_sums_of_a_grid_share_row_spans_and_match_a_direct_sum():
     y0, x0 = np.meshgrid(np.arange(0.3, 14, 1.7), np.arange(-0.6, 17, 2.2), indexing="ij")
     boxes = np.stack([y0.ravel(), x0.ravel(), y0.ravel() + 5.5, x0.ravel() + 5.5], axis=1)[rng.permutation(y0.size)]
     np.testing.assert_allclose(_box_sums(fmap, boxes), _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
+    big = fmap.repeat(1, 4, 4)  # a map with more cells per box than LATTICE_CELLS: the summed-area table
+    np.testing.assert_allclose(_box_sums(big, boxes), _direct_sums(big, boxes), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("view", range(8))

@@ -128,3 +128,16 @@ def check_spacing(spacing_um: Any) -> None:
         isinstance(spacing_um, int | float | np.number) and np.isfinite(spacing_um) and spacing_um > 0
     ):
         raise ValueError(f"spacing_um must be a positive number of micrometres, got {spacing_um!r}.")
+
+
+def cover(lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
+    """Return ``(len(lo), n)``: the length of each interval ``[lo, hi)`` inside each unit cell ``[i, i + 1)`` of ``n``.
+
+    Examples
+    --------
+    >>> cover(np.array([0.5, -1.0]), np.array([2.0, 0.25]), 3)
+    array([[0.5 , 1.  , 0.  ],
+           [0.25, 0.  , 0.  ]])
+    """
+    cells = np.arange(n)
+    return np.clip(np.minimum(hi[:, None], cells + 1) - np.maximum(lo[:, None], cells), 0.0, None)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from stemst._logging import logger
+from stemst._spatial import cover
 
 from ._encoders import Encoder, StagePooled, normalise
 
@@ -43,6 +44,11 @@ MARGIN_PX = 256
 #: fewest / most model pixels for a tile core
 MIN_TILE_PX = 128
 MAX_TILE_PX = 8192
+#: window sums by matrix products on the boxes' lattice when a map has at most this many cells per box (the stages
+#: of stride 16 and 32 on a fine grid); larger maps use a summed-area table. Measured on one core, 30,276 boxes of an
+#: 8 µm grid: 320 channels x 69 x 69 cells 1.95 -> 0.49 s, 40 x 275 x 275 0.29 -> 0.22 s, 32 x 1100 x 1100 0.87 ->
+#: 1.47 s (the table wins)
+LATTICE_CELLS = 8
 
 
 @dataclass(frozen=True)
@@ -186,62 +192,81 @@ def plan_tiles(starts: np.ndarray, geom: DenseGeometry) -> list[Tile]:
     return tiles
 
 
-def _prefix_rows(x: torch.Tensor) -> torch.Tensor:
-    """Prefix sums down the rows of a ``(c, h, w)`` map and of its square: ``(h + 1, w, 2c)`` float64, row 0 zero.
+def _integral(x: torch.Tensor) -> torch.Tensor:
+    """Summed-area table of a ``(c, h, w)`` map and of its square: ``((h + 1) * (w + 1), 2c)`` float64, row-major.
 
-    One vectorised add per row (``torch.cumsum`` along a strided axis is several times slower on a CPU).
+    The prefix sums run as one vectorised add per row and per column (``torch.cumsum`` along a strided axis is ~30x
+    slower on a CPU).
     """
     c, h, w = x.shape
-    out = torch.empty((h + 1, w, 2 * c), dtype=torch.float64)
-    out[0] = 0.0
-    body = out[1:]
+    out = torch.empty((h + 1, w + 1, 2 * c), dtype=torch.float64)
+    out[0], out[:, 0] = 0.0, 0.0
+    body = out[1:, 1:]
     body[..., :c] = x.permute(1, 2, 0)
     torch.square(body[..., :c], out=body[..., c:])
     for i in range(1, h):
         body[i] += body[i - 1]
-    return out
+    for j in range(1, w):
+        body[:, j] += body[:, j - 1]
+    return out.view(-1, 2 * c)
 
 
-def _taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return the lower index (in ``[0, n - 1]``) and the upper one's weight for reading positions ``pos``.
+def _window_sums(table: torch.Tensor, shape: tuple[int, int], box: torch.Tensor) -> torch.Tensor:
+    """Return the sums over fractional boxes ``(n, 4)`` = ``(y0, x0, y1, x1)`` in cells of a flat table, ``(n, 2c)``.
 
-    The table has ``n + 1`` entries and is read linearly; positions are clamped to ``[0, n]``.
+    The table is read at fractional positions bilinearly (area-weighted cells): 4 corners x 4 taps per box, gathered
+    at once. ``shape`` is the map's ``(h, w)`` in cells.
     """
-    lo = np.clip(np.floor(pos), 0, n - 1)
-    return lo.astype(np.int64), np.clip(pos - lo, 0.0, 1.0)
+    h, w = shape
+    y = box[:, [2, 0, 2, 0]].double()  # corners (y1, x1) + (y0, x0) - (y0, x1) - (y1, x0)
+    x = box[:, [3, 1, 1, 3]].double()
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    y0, x0 = y.floor().clamp(0, h - 1), x.floor().clamp(0, w - 1)
+    fy, fx = (y - y0).clamp(0, 1), (x - x0).clamp(0, 1)
+    iy, ix = y0.long(), x0.long()
+    taps = [
+        (iy, ix, (1 - fy) * (1 - fx)),
+        (iy, ix + 1, (1 - fy) * fx),
+        (iy + 1, ix, fy * (1 - fx)),
+        (iy + 1, ix + 1, fy * fx),
+    ]
+    idx = torch.cat([a * (w + 1) + b for a, b, _ in taps], 1)  # (n, 16)
+    weight = torch.cat([wt * sign for _, _, wt in taps], 1)
+    rows = table.index_select(0, idx.reshape(-1)).view(len(box), 16, -1)
+    return torch.bmm(weight[:, None], rows)[:, 0]
 
 
-def _read(table: torch.Tensor, lo: np.ndarray, frac: np.ndarray, dim: int) -> torch.Tensor:
-    """``table`` read linearly along ``dim`` at ``lo + frac`` (``lo`` and ``frac`` broadcast against the other axes)."""
-    below = table.index_select(dim, torch.from_numpy(lo))
-    above = table.index_select(dim, torch.from_numpy(lo + 1))
-    shape = [1] * table.ndim
-    shape[dim] = len(lo)
-    weight = torch.from_numpy(frac).view(shape)
-    return below + weight * (above - below)
+def _lattice_sums(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Return box sums (as :func:`_box_sums`) from the lattice of the boxes' distinct row spans x column spans.
+
+    ``rows`` and ``cols`` are each box's ``(y0, y1)`` and ``(x0, x1)``; after the lattice, one read per box.
+
+    Two matrix products per channel (cell coverage of each row span, of each column span), float64: on a small map
+    with many channels (the deep stages) far cheaper than reading a summed-area table at 16 taps per box.
+    """
+    c, h, w = x.shape
+    rows_u, row = np.unique(rows, axis=0, return_inverse=True)
+    cols_u, col = np.unique(cols, axis=0, return_inverse=True)
+    wy = torch.from_numpy(cover(rows_u[:, 0], rows_u[:, 1], h))
+    wx = torch.from_numpy(cover(cols_u[:, 0], cols_u[:, 1], w).T.copy())
+    m = x.double()
+    lattice = torch.cat([wy @ m @ wx, wy @ (m * m) @ wx]).permute(1, 2, 0).reshape(-1, 2 * c)
+    return lattice[torch.from_numpy(row.ravel() * len(cols_u) + col.ravel())].numpy()
 
 
 def _box_sums(x: torch.Tensor, boxes: np.ndarray) -> np.ndarray:
     """Return the sums of a ``(c, h, w)`` map and of its square over boxes ``(n, 4)`` = ``(y0, x0, y1, x1)`` in cells.
 
-    Returns ``(n, 2c)`` float64. A box covers fractions of its edge cells (area-weighted, as a summed-area table read
-    bilinearly at the corners), computed separably: prefix sums down the rows, differenced at the distinct row
-    spans of the boxes (the rows of a grid share them), then prefix sums along each span and two reads per box.
+    ``(n, 2c)`` float64, each edge cell weighted by the fraction the box covers. Boxes on a lattice (a grid's) over a
+    map of at most :data:`LATTICE_CELLS` cells per box use :func:`_lattice_sums`; others a summed-area table.
     """
-    c, h, w = x.shape
-    spans, row = np.unique(boxes[:, [0, 2]], axis=0, return_inverse=True)
-    down = _prefix_rows(x)
-    lo, frac = _taps(spans.ravel(), h)
-    strips = _read(down, lo, frac, 0).view(len(spans), 2, w, 2 * c)
-    strips = strips[:, 1] - strips[:, 0]  # (spans, w, 2c): column sums over each row span
-    across = torch.empty((len(spans), w + 1, 2 * c), dtype=torch.float64)
-    across[:, 0] = 0.0
-    across[:, 1:] = strips
-    for j in range(2, w + 1):
-        across[:, j] += across[:, j - 1]
-    flat, base = across.view(-1, 2 * c), row.ravel().astype(np.int64) * (w + 1)
-    (lo1, f1), (lo0, f0) = _taps(boxes[:, 3], w), _taps(boxes[:, 1], w)
-    return (_read(flat, base + lo1, f1, 0) - _read(flat, base + lo0, f0, 0)).numpy()
+    rows, cols = boxes[:, [0, 2]], boxes[:, [1, 3]]
+    n, (h, w) = len(boxes), x.shape[1:]
+    if h * w <= LATTICE_CELLS * n:
+        n_lattice = len(np.unique(rows, axis=0)) * len(np.unique(cols, axis=0))
+        if n_lattice <= 4 * n + 4096:
+            return _lattice_sums(x, rows, cols)
+    return _window_sums(_integral(x), (h, w), torch.from_numpy(boxes)).numpy()
 
 
 def _view_of(x: torch.Tensor, view: int) -> torch.Tensor:

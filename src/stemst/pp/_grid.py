@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from stemst._schema import TABLE_KEY, get_image, get_table, section_info
-from stemst._spatial import check_spacing
+from stemst._spatial import check_spacing, cover
 from stemst.io._image import tissue_mask
 
 
@@ -62,13 +62,6 @@ def grid_spots(
     return centres.astype(np.float64).reshape(-1, 2), float(step)
 
 
-def _overlaps(centres: np.ndarray, half: float, n: int) -> np.ndarray:
-    """``(len(centres), n)``: length of each cell ``[c - half, c + half)`` inside each pixel ``[i, i + 1)``."""
-    edges = np.arange(n)
-    lo, hi = centres[:, None] - half, centres[:, None] + half
-    return np.clip(np.minimum(hi, edges + 1) - np.maximum(lo, edges), 0.0, None)
-
-
 def _cell_tissue(mask: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: float) -> np.ndarray:
     """Tissue fraction of every grid cell, ``(len(cy), len(cx))``: the mask's area inside the cell over its area.
 
@@ -82,5 +75,5 @@ def _cell_tissue(mask: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: float) 
     array([[1.  , 0.5 ],
            [0.5 , 0.25]])
     """
-    wy, wx = _overlaps(cy, half, mask.shape[0]), _overlaps(cx, half, mask.shape[1])
+    wy, wx = cover(cy - half, cy + half, mask.shape[0]), cover(cx - half, cx + half, mask.shape[1])
     return wy @ mask.astype(np.float64) @ wx.T / (2 * half) ** 2

@@ -364,14 +364,15 @@ def predict_image(
     On a grid finer than the patches (``dense="auto"``, the default) and with the default encoder the grid is
     embedded **densely**: the network runs once per view over the tissue, in tiles fitted to the grid spots' patches
     and read lazily from the image, and each grid spot's features (mean and std of every stage over its patch) are
-    window sums of the activation maps. On HER2ST C6 at 50 µm (2,599 grid spots, 8 views) embedding took 413 s on
-    the shared 2-core CPU under load 5 (741 s before this layout, idle; 274 s per patch when issue 22 was filed,
-    idle); at 8 µm (84,164 spots, load 1.9 -> 1.7) 263 s, and sampling 2 per spot 152 s more: 414 s in all, peak
-    memory 6.3 GB (``docs/benchmarks_embed.md``). Dense
-    features differ from per-patch ones where the patch edge's padding reaches into the network (mostly the two
-    deepest stages). On validation section C5 (inside the training patient) a model trained on C2-C4's per-patch
-    features scores mean r 0.575 on dense features against 0.580 on per-patch ones, 50 % / 90 % coverage
-    0.517 / 0.879 against 0.526 / 0.882.
+    window sums of the activation maps. On HER2ST C6 (8 views, 2 samples per spot, the shared 2-core CPU at load
+    1.3-1.9) 50 µm (2,566 grid spots) took 135 s and 25 µm (9,421) 173 s, against 274 s per patch at 50 µm when
+    issue 22 was filed; 8 µm: see ``docs/benchmarks_embed.md``. Dense features differ from per-patch ones where the
+    patch edge's padding reaches into the network (mostly the two deepest stages), so a model should be trained on
+    the kind of features it is applied to: trained on dense features (:func:`stemst.pp.embed_patches` with
+    ``dense=True``) and applied to dense ones it scores as a per-patch model does on per-patch features (HER2ST
+    validation sections C5 and C2), while either model applied to the other kind loses a little and has most spots
+    flagged out of distribution (warned). With a model trained on dense features the grid is embedded densely at
+    any spacing.
     Encoders that are not fully convolutional (ViTs, callables) embed each grid spot's patch instead (logged).
 
     The spatial context (ring means) is taken at the model's training spot spacing in µm, whatever the grid spacing:
@@ -406,7 +407,7 @@ def predict_image(
         before anything is computed.
     n_samples
         Samples per grid spot (ignored, i.e. 1, for deterministic baselines). ``None`` (default): 20, fewer on a
-        grid so large that spots x samples would exceed 500,000 (about 8 minutes of sampling on a 2-core CPU, ~1 ms
+        grid so large that spots x samples would exceed 300,000 (about 5 minutes of sampling on a 2-core CPU, ~1 ms
         per spot and sample), never fewer than 4; the number is logged. The default model's mean (``X``) comes from
         its mean head whatever the samples; only the std (and the samples, if kept) rest on them, noisier with fewer.
     keep_samples
@@ -416,10 +417,10 @@ def predict_image(
         The sequencing depth (total counts per spot) the counts should assume, as in :func:`predict`; ``None``: the
         training median. An unsequenced slide has no measured depth: give the run's expected depth as a number.
     dense
-        ``"auto"`` (default): dense when its tiles read fewer pixels than the patches would, a dense pixel counted
-        1.5x (grid spacing well below the patch size: 50 µm and finer with the default 112 µm patches), else per
-        patch; ``True``: from dense activation maps; ``False``: per patch. Encoders that cannot run densely embed
-        per patch.
+        ``"auto"`` (default): dense if the model was trained on dense features, else when its tiles read fewer
+        pixels than the patches would, a dense pixel counted 1.5x (grid spacing well below the patch size: 50 µm and
+        finer with the default 112 µm patches), else per patch; ``True``: from dense activation maps; ``False``: per
+        patch. Encoders that cannot run densely embed per patch.
     tile_px, margin_px
         Dense pass: the grid spots are grouped by the ``tile_px`` square (model pixels, a multiple of 32) holding
         their patch's corner; each group is one tile, its patches' bounding box plus ``margin_px`` on every side, so
@@ -502,8 +503,8 @@ PATCHES_PER_S = 100.0
 #: sampling cost of the default model on 2 cores, seconds per spot and sample (25 steps; for the estimate only)
 SAMPLE_S = 1.0e-3
 #: ``predict_image(n_samples=None)`` draws 20 samples per grid spot, fewer on grids so large that spots x samples
-#: would exceed this (about 8 minutes of sampling on 2 cores), never fewer than :data:`MIN_GRID_SAMPLES`
-GRID_SAMPLE_BUDGET = 500_000
+#: would exceed this (about 5 minutes of sampling on 2 cores), never fewer than :data:`MIN_GRID_SAMPLES`
+GRID_SAMPLE_BUDGET = 300_000
 DEFAULT_SAMPLES = 20
 MIN_GRID_SAMPLES = 4
 #: ``dense="auto"`` embeds densely when the dense pass reads fewer pixels than the patches, by this factor: a dense
@@ -517,7 +518,7 @@ def grid_samples(n_spots: int, n_samples: int | None) -> int:
     Examples
     --------
     >>> grid_samples(700, None), grid_samples(84_000, None), grid_samples(84_000, 20)
-    (20, 5, 20)
+    (20, 4, 20)
     """
     if n_samples is not None:
         return n_samples
