@@ -156,15 +156,23 @@ gene, this region is less certain), not as an error bar for a single spot."""),
 
 On a grid this fine `predict_image` embeds *densely* by itself (`dense="auto"`, the default): the encoder runs
 once per view over the tissue, in tiles fitted to the grid spots' patches and read lazily from the image, and every
-grid spot's features are window sums of the activation maps, rather than one patch per spot. On the shared 2-core
-CPU this package is developed on, section C6 at 8 µm (84,164 grid spots, 8 views, 2 samples each) took 414 s:
-263 s to embed and 152 s to sample, with a peak memory of 6.3 GB (`docs/benchmarks_embed.md`). What grows with
-the number of spots is the sampling: by default (`n_samples=None`) `predict_image` draws 20 samples per grid spot,
-fewer on a grid this large (never fewer than 4, logged); here two keep it short (the mean comes from the model's
-mean head either way; the std is a two-sample one). The spatial context is taken at the training spots' spacing,
-whatever the grid's. Each point is a 112 µm patch's prediction placed every 8 µm: the map is finer-grained, not
-sharper than the patch. (This cell is tagged `skip-execution`, so it does not run when the notebook is executed
-for the docs or the tests: it needs about 6 GB of memory and several minutes; `benchmarks/embed.py` times it.)"""),
+grid spot's features are window sums of the activation maps, rather than one patch per spot. What grows with the
+number of spots is the sampling: by default (`n_samples=None`) `predict_image` draws 20 samples per grid spot,
+fewer on a grid this large (4 here, logged); two keep it shorter (the mean comes from the model's mean head either
+way; the std is a two-sample one). The spatial context is taken at the training spots' spacing, whatever the
+grid's. Each point is a 112 µm patch's prediction placed every 8 µm: the map is finer-grained, not sharper than
+the patch.
+
+Dense features differ a little from the per-patch ones this model was trained on (in the encoder's deepest
+stages), so the cell below warns, and the out-of-distribution score flags most grid spots. For a map you will
+rely on, train on dense features (`stemst.pp.embed_patches(sdata, dense=True)` before `fit`): on validation
+sections such a model scores as the per-patch one does (*Scaling*, `docs/benchmarks_embed.md`), and
+`predict_image` then embeds every grid densely.
+
+This cell is tagged `skip-execution`, so it does not run when the notebook is executed for the docs or the tests;
+the figure under it is what it draws (`tutorials/_make_fine_map.py` runs this notebook's training cells and this
+cell: FINE_SPOTS grid spots in FINE_SECONDS s on the shared 2-core CPU, one view as everywhere in this notebook).
+With all 8 views (`augment=True`) `benchmarks/embed.py` times the same grid."""),
     code(
         """fine_key = stemst.tl.predict_image(
     model, sdata, SLIDE, spacing_um=8, n_samples=2, key_added="fine", overwrite=True, progress=False
@@ -178,6 +186,7 @@ ax.invert_yaxis()
 ax.axis("off");""",
         metadata={"tags": ["skip-execution"]},
     ),
+    md("""![KRT7 predicted over section C6 on an 8 µm grid](figures/unsequenced_krt7_8um.png)"""),
     md("""## Summary
 
 `predict_image` turns a trained model into an expression map over any H&E slide of the same kind, with a

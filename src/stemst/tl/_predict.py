@@ -365,14 +365,14 @@ def predict_image(
     embedded **densely**: the network runs once per view over the tissue, in tiles fitted to the grid spots' patches
     and read lazily from the image, and each grid spot's features (mean and std of every stage over its patch) are
     window sums of the activation maps. On HER2ST C6 (8 views, 2 samples per spot, the shared 2-core CPU at load
-    1.3-1.9) 50 µm (2,566 grid spots) took 135 s and 25 µm (9,421) 173 s, against 274 s per patch at 50 µm when
-    issue 22 was filed; 8 µm: see ``docs/benchmarks_embed.md``. Dense features differ from per-patch ones where the
-    patch edge's padding reaches into the network (mostly the two deepest stages), so a model should be trained on
-    the kind of features it is applied to: trained on dense features (:func:`stemst.pp.embed_patches` with
-    ``dense=True``) and applied to dense ones it scores as a per-patch model does on per-patch features (HER2ST
-    validation sections C5 and C2), while either model applied to the other kind loses a little and has most spots
-    flagged out of distribution (warned). With a model trained on dense features the grid is embedded densely at
-    any spacing.
+    1.1-1.8) 50 µm (2,566 grid spots) took 143 s, against 274 s per patch when issue 22 was filed, 25 µm (9,421)
+    178 s and 8 µm (78,660) 366 s: 235 s to embed, 131 s to sample, peak memory 6.1 GB. Dense features differ
+    from per-patch ones where the patch edge's padding reaches into the network (mostly the two deepest stages), so
+    a model should be trained on the kind of features it is applied to: trained on dense features
+    (:func:`stemst.pp.embed_patches` with ``dense=True``) and applied to dense ones it scores as a per-patch model
+    does on per-patch features (HER2ST validation sections C5 and C2), while either model applied to the other kind
+    loses a little and has most spots flagged out of distribution (warned). With a model trained on dense features
+    the grid is embedded densely at any spacing.
     Encoders that are not fully convolutional (ViTs, callables) embed each grid spot's patch instead (logged).
 
     The spatial context (ring means) is taken at the model's training spot spacing in µm, whatever the grid spacing:
@@ -496,9 +496,10 @@ def predict_image(
     return job.out_key
 
 
-#: CPU rate of the dense path (network, summed-area tables, reads), model pixels per second per view on 2 cores, and
-#: of the per-patch path, patches per second per view; for the time estimate only
-DENSE_PX_PER_S = 1.0e6
+#: CPU rate of the dense path (network, window sums, reads), model pixels per second per view on 2 cores (HER2ST C6
+#: at 8 µm: 45.6 M px per view, 8 views in 235 s), and of the per-patch path, patches per second per view; for the
+#: time estimate only
+DENSE_PX_PER_S = 1.5e6
 PATCHES_PER_S = 100.0
 #: sampling cost of the default model on 2 cores, seconds per spot and sample (25 steps; for the estimate only)
 SAMPLE_S = 1.0e-3
