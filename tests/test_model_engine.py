@@ -176,6 +176,11 @@ def test_preset_merges_dicts_replaces_configs_and_records_what_is_trained():
     assert (net.architecture, net.depth, net.width) == ("transformer", 2, 384)
     with pytest.raises(ValueError, match="disagrees"):
         DEFAULT_PRESET.resolve(architecture="transformer", network=NetworkConfig("mlp"))
+    with pytest.raises(ValueError, match="disagrees"):  # a dict naming another architecture is refused too
+        DEFAULT_PRESET.resolve(architecture="mlp", network={"architecture": "transformer"})
+    # a dict naming the architecture alone takes that architecture's size defaults, not the preset's
+    net = DEFAULT_PRESET.resolve(network={"architecture": "transformer", "depth": 2}).network
+    assert (net.architecture, net.depth, net.width, net.heads) == ("transformer", 2, 384, 6)
     with pytest.raises(TypeError, match=r"network has no field\(s\) \['widht'\]"):
         DEFAULT_PRESET.resolve(network={"widht": 3})
     # no mean head: no MLP half either

@@ -82,7 +82,18 @@ class Preset:
                 )
             net = network
         else:
-            net = _merge(NetworkConfig(arch), {"architecture": arch, **(network or {})}, NetworkConfig, "network")
+            given = (network or {}).get("architecture")
+            if given is not None and architecture not in (None, "auto") and given != architecture:
+                raise ValueError(
+                    f"architecture={architecture!r} disagrees with network={{'architecture': {given!r}, ...}}; give "
+                    "one of them."
+                )
+            net = _merge(
+                NetworkConfig(given or arch),
+                {"architecture": given or arch, **(network or {})},
+                NetworkConfig,
+                "network",
+            )
         diff = _merge(self.diffusion, diffusion, DiffusionConfig, "diffusion")
         if not net.learn_variance:
             diff = replace(diff, vlb_weight=0.0)
