@@ -239,6 +239,16 @@ def _only_c6(sdata, model):
     return sdata, model
 
 
+def model_scale(sdata, section: str):
+    """Return the default encoder and its model pixels per full-resolution pixel of ``section``."""
+    from stemst.pp._embed import plan_section
+    from stemst.pp._encoders import resolve_encoder
+
+    enc = resolve_encoder("efficientnet_lite0")
+    plan, _ = plan_section(sdata, sdata.tables["table"], section, encoders=[enc], patch_size_um=None)
+    return enc, enc.input_size / plan.patch_px / plan.scale[0]
+
+
 def one_pass_seconds(sdata, section: str, *, views: int = 8) -> tuple[float, float]:
     """Encoder alone, one pass per view over the section's tissue: (seconds, tissue megapixels at the model's scale).
 
@@ -251,14 +261,10 @@ def one_pass_seconds(sdata, section: str, *, views: int = 8) -> tuple[float, flo
     from stemst._schema import get_image
     from stemst.pp import tissue_mask
     from stemst.pp._dense import dense_model, stage_maps
-    from stemst.pp._embed import plan_section
-    from stemst.pp._encoders import resolve_encoder
 
-    enc = resolve_encoder("efficientnet_lite0")
-    plan, _ = plan_section(sdata, sdata.tables["table"], section, encoders=[enc], patch_size_um=None)
+    enc, ratio = model_scale(sdata, section)
     full, coarse = get_image(sdata, section, scale=0), get_image(sdata, section, scale=99)
     fraction = float(tissue_mask(np.asarray(coarse)).mean())
-    ratio = enc.input_size / plan.patch_px / plan.scale[0]
     tissue_px = fraction * full.shape[1] * full.shape[2] * ratio**2
     net = dense_model(enc.load())
     x = torch.rand(1, 3, 1024, 1024).contiguous(memory_format=torch.channels_last)
@@ -279,13 +285,8 @@ def patch_union_mpx(sdata, section: str, centres) -> float:
     """
     import numpy as np
 
-    from stemst.pp._embed import plan_section
-    from stemst.pp._encoders import resolve_encoder
-
-    enc = resolve_encoder("efficientnet_lite0")
-    plan, _ = plan_section(sdata, sdata.tables["table"], section, encoders=[enc], patch_size_um=None)
+    enc, ratio = model_scale(sdata, section)
     cell = 4.0  # model px per raster cell
-    ratio = enc.input_size / plan.patch_px / plan.scale[0]  # model px per full-resolution px
     side = int(round(enc.input_size / cell))
     lo = np.floor(np.asarray(centres, np.float64) * ratio / cell).astype(np.int64) - side // 2
     lo -= lo.min(0)

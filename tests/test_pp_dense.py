@@ -15,6 +15,7 @@ from stemst.pp._dense import (
     _box_sums,
     _integral,
     _lattice_sums,
+    _spans,
     _view_of,
     _window_sums,
     check_tiles,
@@ -106,7 +107,7 @@ def test_window_sums_equal_a_direct_sum_over_the_covered_cells():
     got = _window_sums(_integral(fmap), (13, 17), torch.from_numpy(boxes)).numpy()
     np.testing.assert_allclose(got, _direct_sums(fmap, boxes), rtol=1e-9, atol=1e-9)
     assert got[-3, 0] == pytest.approx(fmap[0].double().sum().item())
-    lattice = _lattice_sums(fmap, boxes[:, [0, 2]], boxes[:, [1, 3]])  # any boxes, through a 43 x 43 lattice
+    lattice = _lattice_sums(fmap, _spans(boxes[:, [0, 2]]), _spans(boxes[:, [1, 3]]))  # any boxes: a 43 x 43 lattice
     np.testing.assert_allclose(lattice, got, rtol=1e-9, atol=1e-9)
 
 

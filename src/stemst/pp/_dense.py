@@ -236,22 +236,26 @@ def _window_sums(table: torch.Tensor, shape: tuple[int, int], box: torch.Tensor)
     return torch.bmm(weight[:, None], rows)[:, 0]
 
 
-def _lattice_sums(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _spans(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the distinct ``(start, end)`` rows of ``edges`` ``(n, 2)`` and each row's index among them."""
+    unique, index = np.unique(edges, axis=0, return_inverse=True)
+    return unique, index.ravel()
+
+
+def _lattice_sums(x: torch.Tensor, rows: tuple, cols: tuple) -> np.ndarray:
     """Return box sums (as :func:`_box_sums`) from the lattice of the boxes' distinct row spans x column spans.
 
-    ``rows`` and ``cols`` are each box's ``(y0, y1)`` and ``(x0, x1)``; after the lattice, one read per box.
-
-    Two matrix products per channel (cell coverage of each row span, of each column span), float64: on a small map
-    with many channels (the deep stages) far cheaper than reading a summed-area table at 16 taps per box.
+    ``rows`` and ``cols`` are :func:`_spans` of each box's ``(y0, y1)`` and ``(x0, x1)``; after the lattice, one read
+    per box. Two matrix products per channel (cell coverage of each row span, of each column span), float64: on a
+    small map with many channels (the deep stages) far cheaper than reading a summed-area table at 16 taps per box.
     """
     c, h, w = x.shape
-    rows_u, row = np.unique(rows, axis=0, return_inverse=True)
-    cols_u, col = np.unique(cols, axis=0, return_inverse=True)
+    (rows_u, row), (cols_u, col) = rows, cols
     wy = torch.from_numpy(cover(rows_u[:, 0], rows_u[:, 1], h))
     wx = torch.from_numpy(cover(cols_u[:, 0], cols_u[:, 1], w).T.copy())
     m = x.double()
     lattice = torch.cat([wy @ m @ wx, wy @ (m * m) @ wx]).permute(1, 2, 0).reshape(-1, 2 * c)
-    return lattice[torch.from_numpy(row.ravel() * len(cols_u) + col.ravel())].numpy()
+    return lattice[torch.from_numpy(row * len(cols_u) + col)].numpy()
 
 
 def _box_sums(x: torch.Tensor, boxes: np.ndarray) -> np.ndarray:
@@ -260,11 +264,10 @@ def _box_sums(x: torch.Tensor, boxes: np.ndarray) -> np.ndarray:
     ``(n, 2c)`` float64, each edge cell weighted by the fraction the box covers. Boxes on a lattice (a grid's) over a
     map of at most :data:`LATTICE_CELLS` cells per box use :func:`_lattice_sums`; others a summed-area table.
     """
-    rows, cols = boxes[:, [0, 2]], boxes[:, [1, 3]]
     n, (h, w) = len(boxes), x.shape[1:]
     if h * w <= LATTICE_CELLS * n:
-        n_lattice = len(np.unique(rows, axis=0)) * len(np.unique(cols, axis=0))
-        if n_lattice <= 4 * n + 4096:
+        rows, cols = _spans(boxes[:, [0, 2]]), _spans(boxes[:, [1, 3]])
+        if len(rows[0]) * len(cols[0]) <= 4 * n + 4096:
             return _lattice_sums(x, rows, cols)
     return _window_sums(_integral(x), (h, w), torch.from_numpy(boxes)).numpy()
 

@@ -58,8 +58,7 @@ def grid_spots(
         )
     keep = _cell_tissue(mask, ys / factor, xs / factor, step / factor / 2) >= min_tissue
     iy, ix = np.nonzero(keep)  # row-major: grid rows top to bottom, each left to right
-    centres = np.stack([xs[ix], ys[iy]], axis=1)
-    return centres.astype(np.float64).reshape(-1, 2), float(step)
+    return np.stack([xs[ix], ys[iy]], axis=1), float(step)
 
 
 def _cell_tissue(mask: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: float) -> np.ndarray:
